@@ -1,0 +1,1 @@
+"""Built-in rotation plugins, registered through the ``rotator.plugins`` entry-point group."""

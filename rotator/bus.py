@@ -1,0 +1,162 @@
+"""The outbox relay: publishes stored events to NATS JetStream, in order, at least once.
+
+Events are written to the store's outbox in the same transaction as the state
+change they announce. The relay publishes them with ``Nats-Msg-Id`` = event id, so
+JetStream's duplicate window drops a re-send after a crash between publish and
+mark. While NATS is unreachable, events wait in the outbox; the relay says so
+once, retries with backoff, and flushes the backlog when NATS returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.api import StreamConfig
+from nats.js.errors import NotFoundError
+
+from rotator.config import BusConfig
+from rotator.store.base import Store
+
+__all__ = ["OutboxRelay"]
+
+log = structlog.get_logger("rotator.bus")
+
+
+def _safe_url(url: str) -> str:
+    """The bus URL with any password masked."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        cred, _, host = rest.rpartition("@")
+        user = cred.split(":", 1)[0]
+        rest = f"{user}:***@{host}"
+    return f"{scheme}{sep}{rest}"
+
+
+class OutboxRelay:
+    """Moves events from the store's outbox to JetStream."""
+
+    def __init__(self, cfg: BusConfig, store: Store) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._nc: NATS | None = None
+        self._js: Any = None
+        self._wake = asyncio.Event()
+        self._down_reported = False
+        self.published = 0
+
+    def notify(self) -> None:
+        """Tell the relay there is something new in the outbox."""
+        self._wake.set()
+
+    async def _connect(self) -> None:
+        async def _quiet(*_a: Any) -> None:
+            return None
+
+        nc = await nats.connect(
+            servers=[self._cfg.url], connect_timeout=self._cfg.connect_timeout,
+            allow_reconnect=False, max_reconnect_attempts=0,
+            error_cb=_quiet, disconnected_cb=_quiet, closed_cb=_quiet, reconnected_cb=_quiet,
+            name="rotator")
+        js = nc.jetstream(timeout=self._cfg.publish_timeout)
+        subjects = [f"{self._cfg.subject_prefix}.>"]
+        try:
+            await js.stream_info(self._cfg.stream)
+        except NotFoundError:
+            await js.add_stream(StreamConfig(name=self._cfg.stream, subjects=subjects))
+            log.info("bus.stream_created", stream=self._cfg.stream, subjects=subjects)
+        self._nc, self._js = nc, js
+
+    async def _disconnect(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            try:
+                async with asyncio.timeout(self._cfg.publish_timeout):
+                    await nc.close()
+            except (TimeoutError, NatsError, OSError):
+                pass
+
+    async def flush_once(self) -> int:
+        """Publish everything pending; returns how many were published. Raises when NATS fails."""
+        if self._js is None or self._nc is None or not self._nc.is_connected:
+            await self._disconnect()
+            async with asyncio.timeout(self._cfg.connect_timeout + self._cfg.publish_timeout):
+                await self._connect()
+        sent = 0
+        while True:
+            rows = await self._store.pending_events(100)
+            if not rows:
+                return sent
+            for row in rows:
+                async with asyncio.timeout(self._cfg.publish_timeout):
+                    await self._js.publish(row.subject, row.payload,
+                                           headers={"Nats-Msg-Id": row.event_id})
+                await self._store.mark_published([row.event_id])
+                sent += 1
+                self.published += 1
+
+    async def try_flush(self) -> tuple[int, int]:
+        """One attempt (for one-shot CLI commands): returns (published, still pending)."""
+        try:
+            sent = await self.flush_once()
+        except (TimeoutError, NatsError, OSError) as exc:
+            log.warning("bus.unreachable", url=_safe_url(self._cfg.url), error=type(exc).__name__,
+                        backlog=await self._store.outbox_backlog(),
+                        hint="events wait in the outbox; the daemon delivers them when NATS is back")
+            sent = 0
+        finally:
+            await self._disconnect()
+        return sent, await self._store.outbox_backlog()
+
+    async def run(self, *, poll: float = 5.0, max_backoff: float = 30.0) -> None:
+        """Relay until cancelled."""
+        backoff = 1.0
+        while True:
+            self._wake.clear()
+            try:
+                sent = await self.flush_once()
+            except asyncio.CancelledError:
+                raise
+            except (TimeoutError, NatsError, OSError) as exc:
+                backlog = await self._store.outbox_backlog()
+                if not self._down_reported:
+                    log.warning("bus.unreachable", url=_safe_url(self._cfg.url),
+                                error=type(exc).__name__, backlog=backlog,
+                                hint="rotations go on; events wait in the outbox until NATS "
+                                     "is reachable")
+                    self._down_reported = True
+                await self._disconnect()
+                delay = random.uniform(backoff / 2, backoff)
+                backoff = min(backoff * 2, max_backoff)
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            if self._down_reported:
+                log.info("bus.reconnected", url=_safe_url(self._cfg.url), flushed=sent)
+                self._down_reported = False
+            elif sent:
+                log.debug("bus.published", count=sent)
+            backoff = 1.0
+            try:
+                async with asyncio.timeout(poll):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def close(self, *, drain_timeout: float = 3.0) -> None:
+        """Last flush attempt, then disconnect."""
+        if self._nc is not None and self._nc.is_connected:
+            try:
+                async with asyncio.timeout(drain_timeout):
+                    await self.flush_once()
+            except (TimeoutError, NatsError, OSError):
+                pass
+        await self._disconnect()
