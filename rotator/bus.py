@@ -60,7 +60,9 @@ class OutboxRelay:
 
         nc = await nats.connect(
             servers=[self._cfg.url], connect_timeout=self._cfg.connect_timeout,
-            allow_reconnect=False, max_reconnect_attempts=0,
+            # One attempt: we reconnect ourselves, with backoff, from run(). (nats-py treats
+            # max_reconnect_attempts=0 as "retry forever" during the initial connect.)
+            allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
             error_cb=_quiet, disconnected_cb=_quiet, closed_cb=_quiet, reconnected_cb=_quiet,
             name="rotator")
         js = nc.jetstream(timeout=self._cfg.publish_timeout)
@@ -105,9 +107,9 @@ class OutboxRelay:
         try:
             sent = await self.flush_once()
         except (TimeoutError, NatsError, OSError) as exc:
-            log.warning("bus.unreachable", url=_safe_url(self._cfg.url), error=type(exc).__name__,
-                        backlog=await self._store.outbox_backlog(),
-                        hint="events wait in the outbox; the daemon delivers them when NATS is back")
+            log.info("bus.unreachable", url=_safe_url(self._cfg.url), error=type(exc).__name__,
+                     backlog=await self._store.outbox_backlog(),
+                     hint="events wait in the outbox; the daemon delivers them when NATS is back")
             sent = 0
         finally:
             await self._disconnect()

@@ -60,7 +60,8 @@ class MasterKey:
         try:
             raw = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
-            raise CryptoError(f"{where}: not a rotator master key (expected base64 of 32 bytes)") from None
+            raise CryptoError(
+                f"{where}: not a rotator master key (expected base64 of 32 bytes)") from None
         if len(raw) != _KEY:
             raise CryptoError(f"{where}: a master key must decode to {_KEY} bytes, got {len(raw)}")
         return cls.from_bytes(raw)
@@ -74,9 +75,11 @@ class MasterKey:
             st = path.stat()
             text = path.read_text(encoding="ascii")
         except FileNotFoundError:
-            raise CryptoError(f"master key file {path} not found (run `rotator init` to create it)") from None
+            raise CryptoError(
+                f"master key file {path} not found (run `rotator init` to create it)") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise CryptoError(f"master key file {path} cannot be read: {type(exc).__name__}") from None
+            raise CryptoError(
+                f"master key file {path} cannot be read: {type(exc).__name__}") from None
         if st.st_mode & 0o077:
             raise CryptoError(
                 f"master key file {path} is readable by group or others "
@@ -96,7 +99,8 @@ class MasterKey:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            raise CryptoError(f"master key file {path} already exists; refusing to overwrite") from None
+            raise CryptoError(
+                f"master key file {path} already exists; refusing to overwrite") from None
         with os.fdopen(fd, "w", encoding="ascii") as fh:
             fh.write(self.encode() + "\n")
             fh.flush()

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import structlog
@@ -285,7 +286,7 @@ class Engine:
                         rot = await self._store.mark_step(rot.id, Step.SET, StepState.STARTED)
                         try:
                             await self._call(rot, sec, Step.SET, log, version,
-                                             lambda: plugin.set(ctx(version), pending))
+                                             partial(plugin.set, ctx(version), pending))
                         except CandidateRejected as err:
                             if rot.candidates >= self._ecfg.max_candidates:
                                 raise
@@ -299,7 +300,7 @@ class Engine:
                 if _needs(rot, Step.TEST):
                     rot = await self._store.mark_step(rot.id, Step.TEST, StepState.STARTED)
                     await self._call(rot, sec, Step.TEST, log, version,
-                                     lambda: plugin.test(ctx(version), pending))
+                                     partial(plugin.test, ctx(version), pending))
                     rot = await self._store.mark_step(rot.id, Step.TEST, StepState.DONE)
                 break
 

@@ -101,7 +101,7 @@ def next_fire_time(sec: SecretConfig, now: datetime) -> datetime:
         nxt = trigger.get_next_fire_time(now, now)
     else:
         nxt = trigger.get_next_fire_time(None, now + timedelta(microseconds=1))
-    assert nxt is not None, "cron and interval triggers always fire again"
+    assert isinstance(nxt, datetime), "cron and interval triggers always fire again"
     return nxt.astimezone(UTC)
 
 

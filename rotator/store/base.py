@@ -88,7 +88,8 @@ class Store(Protocol):
     async def claim_rotation(self, *, name: str, rotation_id: str, reason: str, owner: str,
                              lease_ttl: float, from_version: int | None,
                              owner_is_dead: Callable[[str], bool],
-                             started_event: Callable[[RotationRow], Event]) -> tuple[RotationRow, bool]:
+                             started_event: Callable[[RotationRow], Event],
+                             ) -> tuple[RotationRow, bool]:
         """Start a rotation, or take over an abandoned one. Returns (row, resumed)."""
         ...
     async def renew_lease(self, rotation_id: str, owner: str, lease_ttl: float) -> None: ...

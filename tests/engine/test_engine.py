@@ -145,7 +145,8 @@ async def test_third_rotation_deprecates_the_oldest(tmp_path: Path, store: SQLit
     for _ in range(3):
         await eng.rotate(NAME)
     states = {r.version: (r.state, r.labels) for r in await store.list_versions(NAME)}
-    assert states == {1: (VersionState.DEPRECATED, ()), 2: (VersionState.PREVIOUS, (Label.PREVIOUS,)),
+    assert states == {1: (VersionState.DEPRECATED, ()),
+                      2: (VersionState.PREVIOUS, (Label.PREVIOUS,)),
                       3: (VersionState.CURRENT, (Label.CURRENT,))}
 
 

@@ -97,7 +97,7 @@ def test_group_readable_key_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text", ["", "not base64!", "c2hvcnQ=", "rotator-master-key:v1:AAAA"])
 def test_malformed_keys_are_refused(text: str) -> None:
     """Garbage, short keys and truncated files are refused with a clear error."""
-    with pytest.raises(CryptoError, match="master key|32 bytes"):
+    with pytest.raises(CryptoError, match=r"master key|32 bytes"):
         MasterKey.parse(text, where="test")
 
 
