@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--json", action="store_true")
 
+    sub.add_parser("plugins", parents=[common], help="installed rotation plugins and their options")
+
     for cmd in ("status", "list"):
         s = sub.add_parser(cmd, parents=[common], help="secrets, last and next rotations")
         s.add_argument("--json", action="store_true")
@@ -118,6 +120,8 @@ async def _dispatch(args: argparse.Namespace, config_path: Path) -> int:
         from rotator.crypto import MasterKey
         print(MasterKey.generate().encode())
         return EXIT_OK
+    if args.command == "plugins":
+        return _plugins()
     configure_logging("debug" if getattr(args, "debug", False) else "warning")
     cfg, plugin_classes = load(config_path)
     level = "debug" if getattr(args, "debug", False) else cfg.log.level
@@ -160,6 +164,21 @@ async def _run(args: argparse.Namespace, cfg: Config, plugins: dict[str, type]) 
     from rotator.app import run_daemon
 
     await run_daemon(cfg, plugins)
+    return EXIT_OK
+
+
+def _plugins() -> int:
+    from rotator.registry import discover_plugins
+
+    loaded, broken = discover_plugins()
+    for name, cls in sorted(loaded.items()):
+        schema = getattr(cls, "options_schema", {})
+        opts = ", ".join(f"{k}{'*' if o.required else ''}" for k, o in schema.items())
+        strategies = ",".join(sorted(getattr(cls, "strategies", ())))
+        print(f"{name:<12} {strategies:<14} options: {opts or '-'}")
+    for name, exc in sorted(broken.items()):
+        print(f"{name:<12} BROKEN         {exc}")
+    print("(* = required option)")
     return EXIT_OK
 
 

@@ -193,12 +193,10 @@ class Engine:
 
     async def _rotate(self, sec: SecretConfig, reason: str) -> RotationResult:
         await self._store.ensure_secret(sec.name, sec.plugin)
-        current = await self._current(sec.name)
         plugin = self._plugins[sec.plugin]
         rot, resumed = await self._store.claim_rotation(
             name=sec.name, rotation_id=str(uuid.uuid4()), reason=reason, owner=self.owner,
-            lease_ttl=self._ecfg.lease_ttl, from_version=current[0] if current else None,
-            owner_is_dead=owner_is_dead,
+            lease_ttl=self._ecfg.lease_ttl, owner_is_dead=owner_is_dead,
             started_event=lambda r: Event(kind=EventKind.STARTED, name=r.name, data={
                 "rotation_id": r.id, "reason": r.reason, "previous_version": r.from_version,
                 "plugin": sec.plugin, "started_at": r.started_at.isoformat()}))
@@ -208,10 +206,13 @@ class Engine:
                  step=str(rot.step), step_state=str(rot.step_state))
         keeper = asyncio.create_task(self._keep_lease(rot, asyncio.current_task()))
         try:
+            # Read under the lease: ``current`` cannot change until this rotation ends.
+            current = await self._current(sec.name)
             return await self._drive(rot, sec, plugin, current, resumed, log)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, RotatorError) as exc:
             # Leave the rotation resumable; let the next process take it over at once.
-            log.warning("rotation.interrupted", hint="it resumes on the next start")
+            log.warning("rotation.interrupted", error=type(exc).__name__,
+                        hint="it resumes on the next start or `rotator rotate`")
             try:
                 async with asyncio.timeout(2):
                     await asyncio.shield(self._store.release_lease(rot.id, self.owner))

@@ -86,11 +86,15 @@ class Store(Protocol):
 
     # rotations
     async def claim_rotation(self, *, name: str, rotation_id: str, reason: str, owner: str,
-                             lease_ttl: float, from_version: int | None,
+                             lease_ttl: float,
                              owner_is_dead: Callable[[str], bool],
                              started_event: Callable[[RotationRow], Event],
                              ) -> tuple[RotationRow, bool]:
-        """Start a rotation, or take over an abandoned one. Returns (row, resumed)."""
+        """Start a rotation, or take over an abandoned one. Returns (row, resumed).
+
+        A new rotation records the version labelled ``current`` at that moment (read in the
+        same transaction) as ``from_version``: the value a failure rolls back to.
+        """
         ...
     async def renew_lease(self, rotation_id: str, owner: str, lease_ttl: float) -> None: ...
     async def release_lease(self, rotation_id: str, owner: str) -> None: ...

@@ -318,7 +318,7 @@ class SQLiteStore:
     subject_prefix: str = "rotator"
 
     async def claim_rotation(self, *, name: str, rotation_id: str, reason: str, owner: str,
-                             lease_ttl: float, from_version: int | None,
+                             lease_ttl: float,
                              owner_is_dead: Callable[[str], bool],
                              started_event: Callable[[RotationRow], Event],
                              ) -> tuple[RotationRow, bool]:
@@ -339,6 +339,10 @@ class SQLiteStore:
                 await self._journal(db, running.id, str(running.step), "resumed",
                                     f"previous owner {running.owner}")
                 return await self._get_rotation(db, running.id), True
+            async with db.execute("SELECT version FROM labels WHERE name = ? AND label = ?",
+                                  (name, str(Label.CURRENT))) as cur:
+                current = await cur.fetchone()
+            from_version = None if current is None else int(current["version"])
             await db.execute(
                 "INSERT INTO rotations(id, name, reason, state, step, step_state, from_version, "
                 "owner, lease_until, started_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
