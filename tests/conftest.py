@@ -6,6 +6,7 @@ binary fails the run with the Debian package to install; nothing is skipped.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
@@ -81,3 +82,15 @@ def unique_name(request: pytest.FixtureRequest) -> str:
     """A name no other test uses: lower-case letters, digits and '_', at most 40 chars."""
     stem = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:24]
     return f"t_{stem}_{secrets.token_hex(4)}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI (CI=true) a skipped test fails the run: a skip must never count as a pass."""
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+    if skipped:
+        if reporter is not None:
+            reporter.write_line(f"CI: {skipped} test(s) skipped; failing the run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
