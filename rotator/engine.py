@@ -91,12 +91,21 @@ def _needs(rot: RotationRow, step: Step) -> bool:
     return at < _ORDER[step] or (rot.step is step and rot.step_state is StepState.STARTED)
 
 
+#: Value fields that locate a credential rather than being one (the familiar database
+#: field names). Masking them would turn "cannot connect to db:5432/app" into
+#: "***:***/***" and even hide the plugin name "postgres" behind the ``engine`` field.
+_LOCATOR_FIELDS = frozenset({"engine", "host", "port", "dbname", "username"})
+
+
 def _scrub(text: str, *values: SecretValue | None) -> str:
-    """Mask any field of the given values that a misbehaving plugin put in a message."""
+    """Mask any credential field of the given values that a misbehaving plugin put in a
+    message (every field except the locators in :data:`_LOCATOR_FIELDS`)."""
     for value in values:
         if value is None:
             continue
-        for field_value in value.reveal().values():
+        for key, field_value in value.reveal().items():
+            if key in _LOCATOR_FIELDS:
+                continue
             if len(field_value) >= 4:
                 text = text.replace(field_value, "***")
     return text
