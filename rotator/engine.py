@@ -1,9 +1,9 @@
 """The rotation state machine: leases, steps, timeouts, retries, rollback.
 
 A rotation is a row in the store that moves through ``create → set → test →
-finish``. Each step is marked *started* before its side effect and *done* after
-it, so after a crash the engine knows exactly which side effects may have
-happened:
+finish``. Each step is marked *started* before its side effect; the next step's
+start (or the finish transaction) records that it is done. So after a crash the
+engine knows exactly which side effects may have happened:
 
 * ``create`` is done once the candidate is stored encrypted (before the backend
   is touched); a crash before that mints a new candidate, which is harmless.
@@ -305,16 +305,17 @@ class Engine:
                             rot = await self._store.reject_candidate(
                                 rot.id, sec.name, version, _scrub(str(err), pending))
                             continue
-                    rot = await self._store.mark_step(rot.id, Step.SET, StepState.DONE,
-                                                      "probe: already applied" if applied else "")
+                    else:
+                        rot = await self._store.mark_step(rot.id, Step.SET, StepState.DONE,
+                                                          "probe: already applied")
+                # Marking "test started" also records that set is done: one commit, not two.
                 if _needs(rot, Step.TEST):
                     rot = await self._store.mark_step(rot.id, Step.TEST, StepState.STARTED)
                     await self._call(rot, sec, Step.TEST, log, version,
                                      partial(plugin.test, ctx(version), pending))
-                    rot = await self._store.mark_step(rot.id, Step.TEST, StepState.DONE)
                 break
 
-            rot = await self._store.mark_step(rot.id, Step.FINISH, StepState.STARTED)
+            # finish is one transaction: a crash before it re-runs test (idempotent).
             t0 = time.monotonic()
             finished = datetime.now(UTC)
             await self._store.finish_rotation(rot.id, sec.name, version, [Event(
@@ -335,8 +336,8 @@ class Engine:
     async def _create(self, rot: RotationRow, sec: SecretConfig, plugin: RotationPlugin,
                       ctx: Callable[[int], RotationContext],
                       log: FilteringBoundLogger) -> RotationRow:
+        # The rotation is at "create started" already (claimed, or a candidate was rejected).
         version = await self._store.next_version_number(sec.name)
-        rot = await self._store.mark_step(rot.id, Step.CREATE, StepState.STARTED)
         value = await self._call(rot, sec, Step.CREATE, log, version,
                                  lambda: plugin.create(ctx(version)))
         if not isinstance(value, SecretValue):

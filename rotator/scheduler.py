@@ -79,7 +79,7 @@ def cron_trigger(expr: str, jitter: float | None = None) -> CronTrigger:
     """A trigger for a standard 5-field crontab expression, in UTC. Raises ValueError."""
     fields = expr.split()
     if len(fields) != 5:
-        raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(fields)}")
+        raise ValueError(f"it has {len(fields)} field(s), not 5 (minute hour day month weekday)")
     minute, hour, day, month, dow = fields
     return CronTrigger(minute=minute, hour=hour, day=day, month=month,
                        day_of_week=_crontab_dow(dow), timezone=UTC,

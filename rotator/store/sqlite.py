@@ -229,6 +229,9 @@ class SQLiteStore:
     # -- secrets -------------------------------------------------------------
 
     async def ensure_secret(self, name: str, plugin: str) -> SecretRow:
+        row = await self.get_secret(name)
+        if row is not None and row.plugin == plugin:
+            return row      # the common case: no write transaction (and no fsync)
         async with self._tx() as db:
             await db.execute(
                 "INSERT INTO secrets(name, plugin, created_at) VALUES (?, ?, ?) "
@@ -275,11 +278,15 @@ class SQLiteStore:
             row = await self._one("SELECT version FROM labels WHERE name = ? AND label = ?",
                                   (name, str(wanted)))
             if row is None:
+                if await self.get_secret(name) is None:
+                    raise NotFound(f"{name}: no such secret in the store")
                 raise NotFound(f"{name}: no version labelled {wanted}")
             version = int(row["version"])
         row = await self._one("SELECT * FROM versions WHERE name = ? AND version = ?",
                               (name, version))
         if row is None:
+            if await self.get_secret(name) is None:
+                raise NotFound(f"{name}: no such secret in the store")
             raise NotFound(f"{name}: no version {version}")
         return self._version(row, await self._labels(name))
 
