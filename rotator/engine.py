@@ -203,12 +203,17 @@ class Engine:
     async def _rotate(self, sec: SecretConfig, reason: str) -> RotationResult:
         await self._store.ensure_secret(sec.name, sec.plugin)
         plugin = self._plugins[sec.plugin]
-        rot, resumed = await self._store.claim_rotation(
-            name=sec.name, rotation_id=str(uuid.uuid4()), reason=reason, owner=self.owner,
-            lease_ttl=self._ecfg.lease_ttl, owner_is_dead=owner_is_dead,
-            started_event=lambda r: Event(kind=EventKind.STARTED, name=r.name, data={
-                "rotation_id": r.id, "reason": r.reason, "previous_version": r.from_version,
-                "plugin": sec.plugin, "started_at": r.started_at.isoformat()}))
+        try:
+            rot, resumed = await self._store.claim_rotation(
+                name=sec.name, rotation_id=str(uuid.uuid4()), reason=reason, owner=self.owner,
+                lease_ttl=self._ecfg.lease_ttl, owner_is_dead=owner_is_dead,
+                started_event=lambda r: Event(kind=EventKind.STARTED, name=r.name, data={
+                    "rotation_id": r.id, "reason": r.reason, "previous_version": r.from_version,
+                    "plugin": sec.plugin, "started_at": r.started_at.isoformat()}))
+        except asyncio.CancelledError:
+            # The claim may have committed before the cancellation reached us.
+            await self._release(sec.name)
+            raise
         self._on_event()
         log = self._log.bind(name=sec.name, rotation_id=rot.id, plugin=sec.plugin)
         log.info("rotation.resumed" if resumed else "rotation.started", reason=rot.reason,
@@ -222,14 +227,18 @@ class Engine:
             # Leave the rotation resumable; let the next process take it over at once.
             log.warning("rotation.interrupted", error=type(exc).__name__,
                         hint="it resumes on the next start or `rotator rotate`")
-            try:
-                async with asyncio.timeout(2):
-                    await asyncio.shield(self._store.release_lease(rot.id, self.owner))
-            except (TimeoutError, RotatorError):
-                pass
+            await self._release(sec.name)
             raise
         finally:
             keeper.cancel()
+
+    async def _release(self, name: str) -> None:
+        """Give up our lease on ``name`` (short, shielded budget; best effort)."""
+        try:
+            async with asyncio.timeout(2):
+                await asyncio.shield(self._store.release_lease(name, self.owner))
+        except (TimeoutError, RotatorError, asyncio.CancelledError):
+            pass
 
     async def _keep_lease(self, rot: RotationRow, worker: asyncio.Task[Any] | None) -> None:
         period = max(self._ecfg.lease_ttl / 3, 0.5)

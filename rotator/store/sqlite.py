@@ -203,19 +203,21 @@ class SQLiteStore:
         async with self._lock:
             db = self.db
             try:
-                await db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreError(f"store {self.path} is busy or unwritable: {exc}") from exc
-            try:
+                try:
+                    await db.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
+                    raise StoreError(f"store {self.path} is busy or unwritable: {exc}") from exc
                 yield db
-            except BaseException:
-                await asyncio.shield(db.rollback())
-                raise
-            else:
                 try:
                     await db.commit()
                 except sqlite3.Error as exc:
                     raise StoreError(f"commit failed on {self.path}: {exc}") from exc
+            except BaseException:
+                # Also after a cancellation that hit BEGIN or COMMIT: aiosqlite runs calls in
+                # order on its thread, so this rollback lands after them (a no-op when the
+                # commit went through, or when no transaction is open).
+                await asyncio.shield(db.rollback())
+                raise
 
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         async with self._lock, self.db.execute(sql, params) as cur:
@@ -370,10 +372,10 @@ class SQLiteStore:
                 rot = await self._get_rotation(db, rotation_id)
                 raise LeaseHeld(rot.name, rot.owner or "nobody")
 
-    async def release_lease(self, rotation_id: str, owner: str) -> None:
+    async def release_lease(self, name: str, owner: str) -> None:
         async with self._tx() as db:
-            await db.execute("UPDATE rotations SET lease_until = 0 WHERE id = ? AND owner = ?",
-                             (rotation_id, owner))
+            await db.execute("UPDATE rotations SET lease_until = 0 WHERE name = ? AND owner = ? "
+                             "AND state = 'running'", (name, owner))
 
     async def mark_step(self, rotation_id: str, step: Step, state: StepState,
                         detail: str = "", *, error: str | None = None) -> RotationRow:
