@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +22,14 @@ from rotator.bus import OutboxRelay
 from rotator.config import Config, load_config
 from rotator.crypto import Envelope, MasterKey
 from rotator.engine import Engine
+from rotator.errors import RotatorError
 from rotator.plugin_api import RotationPlugin
 from rotator.registry import discover_plugins
 from rotator.scheduler import Scheduler
 from rotator.store.sqlite import SQLiteStore
 
-__all__ = ["App", "load", "open_app", "run_daemon"]
+__all__ = ["App", "DaemonRunning", "daemon_lock", "load", "load_master_key", "open_app",
+           "run_daemon"]
 
 log = structlog.get_logger("rotator.app")
 
@@ -75,10 +79,42 @@ async def open_app(cfg: Config, plugin_classes: dict[str, type]) -> AsyncIterato
         await store.close()
 
 
+class DaemonRunning(RotatorError):
+    """Another daemon already runs on this store."""
+
+
+@contextlib.contextmanager
+def daemon_lock(store_path: Path) -> Iterator[None]:
+    """One daemon per SQLite store: an exclusive lock on ``<store>.lock``, held while running.
+
+    The lock goes away with the process, however it ends. (A shared PostgreSQL store will
+    coordinate several daemons with per-secret leases instead.)
+    """
+    path = store_path.with_name(store_path.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise DaemonRunning(f"another rotator daemon (pid {holder}) is already running on "
+                                f"{store_path}; stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 async def run_daemon(cfg: Config, plugin_classes: dict[str, type],
                      stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set)."""
-    stop = stop or asyncio.Event()
+    with daemon_lock(cfg.store.path):
+        await _run_daemon(cfg, plugin_classes, stop or asyncio.Event())
+
+
+async def _run_daemon(cfg: Config, plugin_classes: dict[str, type], stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -93,14 +129,16 @@ async def run_daemon(cfg: Config, plugin_classes: dict[str, type],
                  bus=cfg.bus.display_url if cfg.bus.enabled else "disabled")
         stop_wait = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stop_wait, sched_task}, return_when=asyncio.FIRST_COMPLETED)
-        if sched_task in done and sched_task.exception() is not None:
-            stop_wait.cancel()
-            raise sched_task.exception()  # type: ignore[misc]
+        crashed = sched_task.exception() if sched_task in done else None
+        stop_wait.cancel()
+        if crashed is not None:
+            log.error("daemon.scheduler_failed", error=f"{type(crashed).__name__}: {crashed}")
         log.info("daemon.stopping", in_flight=app.engine.running())
         scheduler.pause()
-        sched_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sched_task
+        if not sched_task.done():
+            sched_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sched_task
         inflight = set(scheduler.tasks)
         if inflight:
             _, pending = await asyncio.wait(inflight, timeout=cfg.engine.shutdown_grace)
@@ -119,3 +157,5 @@ async def run_daemon(cfg: Config, plugin_classes: dict[str, type],
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(sig)
+    if crashed is not None:
+        raise crashed

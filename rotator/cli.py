@@ -92,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)  # everything rotator writes is private to its user
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False)
-    config_path = Path(getattr(args, "config", None) or _default_config())
+    given = getattr(args, "config", None)
+    if given is not None and not given.strip():
+        return _fail("--config: empty path", EXIT_USAGE)
+    config_path = Path(given or _default_config())
     try:
         return asyncio.run(_dispatch(args, config_path))
     except KeyboardInterrupt:
@@ -128,6 +131,8 @@ async def _dispatch(args: argparse.Namespace, config_path: Path) -> int:
     if args.command != "run":
         level = "debug" if level == "debug" else "warning"   # one-shot commands stay quiet
     configure_logging(level, cfg.log.format)
+    if args.command in ("get", "versions", "status", "list") and not cfg.store.path.exists():
+        raise NotFound(f"store {cfg.store.path} does not exist yet (run `rotator init`)")
     handler = {
         "init": _init, "run": _run, "rotate": _rotate, "get": _get, "versions": _versions,
         "status": _status, "list": _status,
@@ -184,7 +189,7 @@ def _plugins() -> int:
 
 def _known(cfg: Config, name: str) -> None:
     if not any(s.name == name for s in cfg.secrets):
-        raise NotFound(f"{name}: no such secret in {cfg.path} "
+        raise UsageError(f"{name}: no such secret in {cfg.path} "
                        f"(configured: {', '.join(s.name for s in cfg.secrets) or 'none'})")
 
 
@@ -247,8 +252,9 @@ async def _versions(args: argparse.Namespace, cfg: Config, plugins: dict[str, ty
 
     async with SQLiteStore(cfg.store.path) as store:
         rows = await store.list_versions(args.name)
-        if not rows and await store.get_secret(args.name) is None:
-            raise NotFound(f"{args.name}: no such secret in the store")
+        if not rows and await store.get_secret(args.name) is None \
+                and not any(s.name == args.name for s in cfg.secrets):
+            raise NotFound(f"{args.name}: no such secret in the store or in {cfg.path}")
     if args.json:
         print(json.dumps([{"version": r.version, "state": str(r.state),
                            "labels": [str(x) for x in r.labels],
@@ -258,7 +264,7 @@ async def _versions(args: argparse.Namespace, cfg: Config, plugins: dict[str, ty
     table = [["VERSION", "LABELS", "STATE", "CREATED (UTC)", "ROTATION"]]
     table += [[str(r.version), ",".join(r.labels) or "-", str(r.state), _when(r.created_at),
                r.rotation_id] for r in rows]
-    print(_table(table))
+    print(_table(table) if rows else f"{args.name}: no versions yet (it has not been rotated)")
     return EXIT_OK
 
 
@@ -304,7 +310,8 @@ async def _status(args: argparse.Namespace, cfg: Config, plugins: dict[str, type
             _when(datetime.fromisoformat(s["next_rotation_at"]) if s["next_rotation_at"] else None),
         ])
     print(_table(table))
-    print(f"\noutbox: {backlog} event(s) waiting for NATS" if backlog else "\noutbox: empty")
+    print(f"\noutbox: {backlog} event(s) not yet published (the daemon publishes them when "
+          "NATS is reachable)" if backlog else "\noutbox: empty (every event published)")
     return EXIT_OK
 
 

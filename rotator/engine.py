@@ -223,12 +223,34 @@ class Engine:
             # Read under the lease: ``current`` cannot change until this rotation ends.
             current = await self._current(sec.name)
             return await self._drive(rot, sec, plugin, current, resumed, log)
-        except (asyncio.CancelledError, RotatorError) as exc:
+        except asyncio.CancelledError:
             # Leave the rotation resumable; let the next process take it over at once.
-            log.warning("rotation.interrupted", error=type(exc).__name__,
-                        hint="it resumes on the next start or `rotator rotate`")
+            log.warning("rotation.interrupted", hint="it resumes on the next start or "
+                                                     "`rotator rotate`")
             await self._release(sec.name)
             raise
+        except RotatorError as exc:
+            # Not a plugin step failure: e.g. the current value does not decrypt. Retrying
+            # cannot help, so end the rotation as failed (if the store still lets us).
+            error = f"{type(exc).__name__}: {exc}"
+            try:
+                await self._store.fail_rotation(rot.id, sec.name, error, [Event(
+                    kind=EventKind.FAILED, name=sec.name, data={
+                        "version": rot.version, "previous_version": rot.from_version,
+                        "rotation_id": rot.id, "reason": rot.reason, "plugin": sec.plugin,
+                        "step": str(rot.step), "error": error, "rolled_back": False,
+                        "started_at": rot.started_at.isoformat(),
+                        "failed_at": datetime.now(UTC).isoformat()})])
+            except RotatorError:
+                log.warning("rotation.interrupted", error=error,
+                            hint="it resumes on the next start or `rotator rotate`")
+                await self._release(sec.name)
+                raise exc from None
+            self._on_event()
+            log.error("rotation.failed", step=str(rot.step), version=rot.version, error=error,
+                      rolled_back=False)
+            return RotationResult(rot.id, sec.name, RotationState.FAILED, rot.version, resumed,
+                                  error)
         finally:
             keeper.cancel()
 
@@ -360,19 +382,20 @@ class Engine:
         sealed = self._envelope.seal(sec.name, version, data)
         return await self._store.put_candidate(rot.id, sec.name, version, sealed)
 
-    async def _probe(self, plugin: RotationPlugin, ctx: RotationContext, pending: SecretValue,
+    async def _probe(self, plugin: RotationPlugin, ctx: RotationContext, value: SecretValue,
                      log: FilteringBoundLogger) -> bool:
-        """After a crash inside ``set``: does the backend already accept the candidate?"""
+        """Does the backend accept ``value`` right now? Used instead of guessing whether an
+        interrupted or failed ``set`` reached the backend."""
         try:
             async with asyncio.timeout(self._ecfg.step_timeout):
-                await plugin.test(ctx, pending)
+                await plugin.test(ctx, value)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure means "not applied"; set re-runs
-            log.info("rotation.probe", step=str(Step.SET), version=ctx.version,
-                     applied=False, detail=type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - any failure means "does not work (yet)"
+            log.info("rotation.probe", version=ctx.version, works=False,
+                     detail=type(exc).__name__)
             return False
-        log.info("rotation.probe", step=str(Step.SET), version=ctx.version, applied=True)
+        log.info("rotation.probe", version=ctx.version, works=True)
         return True
 
     async def _call(self, rot: RotationRow, sec: SecretConfig, step: Step,
@@ -426,8 +449,15 @@ class Engine:
         failed_step = getattr(err, "step", "") or str(rot.step)
         events: list[Event] = []
         rolled_back = False
-        # The backend may hold the candidate once ``set`` has started: put ``current`` back.
-        if _ORDER[rot.step] >= _ORDER[Step.SET] and current is not None:
+        # The backend may hold the candidate once ``set`` has started: put ``current`` back,
+        # unless ``set`` failed and the backend demonstrably still accepts ``current``.
+        needs_rollback = _ORDER[rot.step] >= _ORDER[Step.SET] and current is not None
+        if needs_rollback and rot.step is Step.SET and current is not None \
+                and await self._probe(plugin, ctx(rot.from_version or 0), current, log):
+            log.info("rotation.rollback_skipped", reason="set failed and the current value "
+                                                         "still works")
+            needs_rollback = False
+        if needs_rollback and current is not None:
             rot = await self._store.mark_step(rot.id, Step.ROLLBACK, StepState.STARTED,
                                               error=error)
             back_version = rot.from_version or 0

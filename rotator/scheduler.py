@@ -25,7 +25,7 @@ from rotator.errors import LeaseHeld, NotFound, RotatorError
 from rotator.store.base import Store
 from rotator.types import Label, RotationState
 
-__all__ = ["Scheduler", "cron_trigger", "next_fire_time"]
+__all__ = ["NEVER", "Scheduler", "cron_trigger", "next_fire_time"]
 
 log = structlog.get_logger("rotator.scheduler")
 
@@ -101,8 +101,13 @@ def next_fire_time(sec: SecretConfig, now: datetime) -> datetime:
         nxt = trigger.get_next_fire_time(now, now)
     else:
         nxt = trigger.get_next_fire_time(None, now + timedelta(microseconds=1))
-    assert isinstance(nxt, datetime), "cron and interval triggers always fire again"
+    if not isinstance(nxt, datetime):
+        raise ValueError(f"schedule {sec.schedule!r} never fires again")
     return nxt.astimezone(UTC)
+
+
+#: "Not scheduled": far enough never to come, small enough to do arithmetic with.
+NEVER = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 class Scheduler:
@@ -150,8 +155,8 @@ class Scheduler:
             if not has_current:
                 self._next[sec.name], self._reason[sec.name] = now, "initial"
             elif row.next_rotation_at is None:
-                nxt = next_fire_time(sec, now)
-                await self._store.set_next_rotation(sec.name, nxt)
+                nxt = self._next_fire(sec, now)
+                await self._store.set_next_rotation(sec.name, nxt if nxt < NEVER else None)
                 self._next[sec.name], self._reason[sec.name] = nxt, "schedule"
             elif row.next_rotation_at <= now:
                 self._next[sec.name], self._reason[sec.name] = now, "catch_up"
@@ -180,11 +185,18 @@ class Scheduler:
                 except TimeoutError:
                     pass
 
+    def _next_fire(self, sec: SecretConfig, now: datetime) -> datetime:
+        try:
+            return next_fire_time(sec, now)
+        except ValueError as exc:
+            log.error("schedule.disabled", name=sec.name, schedule=sec.schedule, error=str(exc))
+            return NEVER
+
     async def _launch(self, sec: SecretConfig, now: datetime) -> None:
         reason = self._reason.get(sec.name, "schedule")
-        nxt = next_fire_time(sec, now)
+        nxt = self._next_fire(sec, now)
         # Persist the next fire time first: a crash mid-rotation must not cause a second one.
-        await self._store.set_next_rotation(sec.name, nxt)
+        await self._store.set_next_rotation(sec.name, nxt if nxt < NEVER else None)
         self._next[sec.name], self._reason[sec.name] = nxt, "schedule"
         task = asyncio.create_task(self._rotate(sec, reason, nxt), name=f"scheduled:{sec.name}")
         self._tasks.add(task)

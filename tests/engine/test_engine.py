@@ -300,3 +300,34 @@ async def test_value_size_limit(tmp_path: Path, store: SQLiteStore) -> None:
     assert "max_value_bytes" in (result.error or "")
     assert await store.list_versions(NAME) == []
 
+
+
+async def test_failed_set_with_working_current_skips_rollback(tmp_path: Path,
+                                                              store: SQLiteStore) -> None:
+    """When set fails and the current value still works, nothing is rolled back."""
+    backend = Backend()
+    eng = engine_for(tmp_path, store, backend, max_candidates=1)
+    await eng.rotate(NAME)
+    sets_before = list(backend.sets)
+    backend.reject = 1
+    with capture_logs() as logs:
+        result = await eng.rotate(NAME)
+    assert result.state is RotationState.FAILED
+    assert backend.sets == sets_before, "no set(current) when the backend never changed"
+    assert any(e["event"] == "rotation.rollback_skipped" for e in logs)
+    last = (await events(store))[-1]
+    assert last["type"].endswith(".failed") and last["data"]["rolled_back"] is False
+
+
+async def test_undecryptable_current_fails_instead_of_hanging(tmp_path: Path,
+                                                             store: SQLiteStore) -> None:
+    """A current version that no longer decrypts ends the rotation as failed, not running."""
+    eng = engine_for(tmp_path, store, Backend())
+    await eng.rotate(NAME)
+    await store.db.execute("UPDATE versions SET ciphertext = zeroblob(40)")
+    result = await eng.rotate(NAME)
+    assert result.state is RotationState.FAILED
+    assert "does not authenticate" in (result.error or "")
+    assert await store.running_rotations() == []
+    last = await store.last_rotation(NAME)
+    assert last is not None and last.state is RotationState.FAILED and last.error
