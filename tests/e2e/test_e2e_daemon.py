@@ -166,3 +166,26 @@ async def test_daemon_down_across_several_periods_catches_up_once(
     events = await consume(bus, "rotated.>")
     assert by_version(events, "rotated") == {1: 1, 2: 1}
     assert [e.event["data"]["reason"] for e in events] == ["manual", "catch_up"]
+
+
+def test_second_daemon_on_the_same_store_refuses_to_start(work: Workdir, bus: Bus) -> None:
+    """A second `rotator run` on the same store exits 1 with one line naming the first's pid."""
+    work.config([secret(KEY, "random", schedule="1h")], bus=bus)
+    work.run("init").ok()
+    first = work.start()
+    try:
+        first.wait_for_log("daemon.started", 15)
+        second = work.run("run", timeout=30)
+        assert second.returncode == 1, second
+        assert len(second.stderr_lines) == 1, second.stderr
+        assert f"pid {first.proc.pid}" in second.stderr and "already running" in second.stderr
+        assert first.proc.poll() is None, "the first daemon keeps running"
+    finally:
+        code, _ = first.terminate(timeout=10)
+    assert code == 0
+    # Once the first is gone, a new daemon starts normally.
+    again = work.start(log_name="again.log")
+    try:
+        again.wait_for_log("daemon.started", 15)
+    finally:
+        assert again.terminate(timeout=10)[0] == 0
