@@ -25,7 +25,7 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
 
@@ -300,16 +300,21 @@ def _get_bool(table: _Table, key: str, section: str, default: bool) -> bool:
     return value
 
 
-def _get_int(table: _Table, key: str, section: str, default: int, *, minimum: int) -> int:
+def _get_int(table: _Table, key: str, section: str, default: int, *, minimum: int,
+             maximum: tuple[float, str] | None = None) -> int:
+    """An integer within bounds; ``maximum`` is the bound and how to show it."""
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(_join(section, key), f"expected an integer, got {_type_name(value)}")
     if value < minimum:
         raise ConfigError(_join(section, key), f"must be at least {minimum}")
+    if maximum is not None and value > maximum[0]:
+        raise ConfigError(_join(section, key), f"must be at most {maximum[1]}")
     return value
 
 
-def _get_seconds(table: _Table, key: str, section: str, default: float) -> float:
+def _get_seconds(table: _Table, key: str, section: str, default: float, *,
+                 maximum: tuple[float, str] | None = None) -> float:
     """A strictly positive, finite number (TOML integers are accepted)."""
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -318,6 +323,8 @@ def _get_seconds(table: _Table, key: str, section: str, default: float) -> float
         raise ConfigError(_join(section, key), "expected a finite number")
     if value <= 0:
         raise ConfigError(_join(section, key), "must be greater than 0")
+    if maximum is not None and value > maximum[0]:
+        raise ConfigError(_join(section, key), f"must be at most {maximum[1]}")
     return float(value)
 
 
@@ -446,6 +453,17 @@ _FORMATS = ("console", "json")
 _SQLITE = "sqlite:///"
 # Any engine setting not listed here must be greater than 0.
 _ENGINE_MINIMUM = {"max_retries": 0, "max_candidates": 1, "max_value_bytes": 1}
+# Upper bounds, with how an error shows them. They catch typos (an extra zero or two)
+# that would otherwise make a rotation retry, wait or hold its lease for absurdly long.
+_DAY = (86400.0, "86400 (1 day)")
+_ENGINE_MAXIMUM: dict[str, tuple[float, str]] = {
+    "max_retries": (100, "100"),
+    "max_candidates": (100, "100"),
+    "max_value_bytes": (16 * 1024 * 1024, "16777216 (16 MiB)"),
+    "step_timeout": _DAY,
+    "lease_ttl": _DAY,
+    "shutdown_grace": _DAY,
+}
 
 
 def _parse_store(table: _Table, refs: _References) -> StoreConfig:
@@ -529,11 +547,12 @@ def _parse_engine(table: _Table) -> EngineConfig:
     values: dict[str, Any] = {}
     for name in _field_names(EngineConfig):
         current = getattr(default, name)
+        maximum = _ENGINE_MAXIMUM.get(name)
         if isinstance(current, int):
             values[name] = _get_int(table, name, "engine", current,
-                                    minimum=_ENGINE_MINIMUM.get(name, 1))
+                                    minimum=_ENGINE_MINIMUM.get(name, 1), maximum=maximum)
         else:
-            values[name] = _get_seconds(table, name, "engine", current)
+            values[name] = _get_seconds(table, name, "engine", current, maximum=maximum)
     return EngineConfig(**values)
 
 
@@ -640,10 +659,14 @@ def _check_cron(expr: str, path: str) -> None:
     from rotator.scheduler import cron_trigger
 
     try:
-        cron_trigger(expr)
+        trigger = cron_trigger(expr)
     except ValueError as exc:
         raise ConfigError(path, f"invalid cron expression {expr!r}: {exc}; {_SCHEDULE_HINT}") \
             from None
+    # Each field can be valid while no date matches them all ("0 0 31 2 *": February 31st).
+    # Such a schedule would never rotate; the scheduler also assumes a cron always fires again.
+    if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
+        raise ConfigError(path, f"cron expression {expr!r} never fires (no such date)")
 
 
 def _parse_jitter(value: object, path: str) -> float:

@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,20 +72,31 @@ class MasterKey:
 
     @classmethod
     def load_file(cls, path: Path) -> MasterKey:
+        where = f"master key file {path}"
         try:
             st = path.stat()
-            text = path.read_text(encoding="ascii")
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError
+            data = path.read_bytes()
         except FileNotFoundError:
+            raise CryptoError(f"{where} not found (run `rotator init` to create it)") from None
+        except IsADirectoryError:
+            raise CryptoError(f"{where} is a directory") from None
+        except PermissionError:
+            raise CryptoError(f"{where} cannot be read: permission denied") from None
+        except OSError as exc:
+            reason = (exc.strerror or type(exc).__name__).lower()
+            raise CryptoError(f"{where} cannot be read: {reason}") from None
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
             raise CryptoError(
-                f"master key file {path} not found (run `rotator init` to create it)") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CryptoError(
-                f"master key file {path} cannot be read: {type(exc).__name__}") from None
+                f"{where} is not a rotator master key (expected base64 text)") from None
         if st.st_mode & 0o077:
             raise CryptoError(
-                f"master key file {path} is readable by group or others "
+                f"{where} is readable by group or others "
                 f"(mode {st.st_mode & 0o777:o}); run: chmod 600 {path}")
-        return cls.parse(text, where=f"master key file {path}")
+        return cls.parse(text, where=where)
 
     @classmethod
     def load_env(cls, name: str, environ: Mapping[str, str] | None = None) -> MasterKey:

@@ -357,10 +357,27 @@ def test_engine_accepts_integers_for_seconds(tmp_path: Path) -> None:
     ("max_value_bytes = 0", "engine.max_value_bytes: must be at least 1"),
     ("shutdown_grace = [1]", "engine.shutdown_grace: expected a number, got array"),
     ("lease_ttl = 1979-05-27T07:32:00Z", "engine.lease_ttl: expected a number, got datetime"),
+    ("max_retries = 101", "engine.max_retries: must be at most 100"),
+    ("max_candidates = 101", "engine.max_candidates: must be at most 100"),
+    ("max_value_bytes = 16777217", "engine.max_value_bytes: must be at most 16777216 (16 MiB)"),
+    ("max_retries = 9223372036854775807", "engine.max_retries: must be at most 100"),
+    ("step_timeout = 86400.5", "engine.step_timeout: must be at most 86400 (1 day)"),
+    ("lease_ttl = 86401", "engine.lease_ttl: must be at most 86400 (1 day)"),
+    ("shutdown_grace = 1e9", "engine.shutdown_grace: must be at most 86400 (1 day)"),
 ])
 def test_engine_errors(tmp_path: Path, line: str, message: str) -> None:
     """Engine settings are type- and range-checked with their key path."""
     assert str(fail(tmp_path, f"[engine]\n{line}\n")) == message
+
+
+def test_engine_upper_bounds_are_inclusive(tmp_path: Path) -> None:
+    """Each cap itself is accepted: 100 retries and candidates, 16 MiB, one day."""
+    cfg = load(tmp_path, "[engine]\nmax_retries = 100\nmax_candidates = 100\n"
+                         "max_value_bytes = 16777216\nstep_timeout = 86400\n"
+                         "lease_ttl = 86400.0\nshutdown_grace = 86400\n")
+    assert (cfg.engine.max_retries, cfg.engine.max_candidates) == (100, 100)
+    assert cfg.engine.max_value_bytes == 16 * 1024 * 1024
+    assert cfg.engine.step_timeout == cfg.engine.lease_ttl == cfg.engine.shutdown_grace == 86400.0
 
 
 def test_log_level_and_format_are_case_insensitive(tmp_path: Path) -> None:
@@ -532,6 +549,24 @@ def test_invalid_cron_schedules(tmp_path: Path, expr: str) -> None:
     assert err.path == "secrets[0].schedule"
     assert str(err).startswith(f"secrets[0].schedule: invalid cron expression '{expr}': ")
     assert str(err).endswith("; expected 5 fields or an interval like 90s, 15m, 12h, 7d")
+
+
+@pytest.mark.parametrize("expr", ["0 0 31 2 *", "0 0 30 feb *", "15 4 31 4,6,9,11 *",
+                                  "0 0 31 2 mon"])
+def test_cron_that_never_fires_is_rejected(tmp_path: Path, expr: str) -> None:
+    """A cron whose fields are each valid but match no date (February 31st) is refused."""
+    text = ONE_SECRET.format(schedule="1h") + ONE_SECRET.replace("app/key", "app/other").format(
+        schedule=expr)
+    err = fail(tmp_path, text)
+    assert err.path == "secrets[1].schedule"
+    assert str(err) == f"secrets[1].schedule: cron expression '{expr}' never fires (no such date)"
+
+
+@pytest.mark.parametrize("expr", ["0 0 29 2 *", "0 0 31 1-3 *", "0 0 13 2 fri"])
+def test_rare_but_possible_cron_dates_are_accepted(tmp_path: Path, expr: str) -> None:
+    """Leap days and dates that exist in only some months or years still load."""
+    sec = load(tmp_path, ONE_SECRET.format(schedule=expr)).secrets[0]
+    assert (sec.cron, sec.interval) == (expr, None)
 
 
 def test_schedule_must_be_a_string(tmp_path: Path) -> None:

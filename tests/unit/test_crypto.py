@@ -94,6 +94,43 @@ def test_group_readable_key_file_is_refused(tmp_path: Path) -> None:
         MasterKey.load_file(path)
 
 
+def test_directory_instead_of_key_file_says_so(tmp_path: Path) -> None:
+    """A directory where the key file should be is named as such, not as a read error."""
+    path = tmp_path / "master.key"
+    path.mkdir(mode=0o700)
+    with pytest.raises(CryptoError) as info:
+        MasterKey.load_file(path)
+    assert str(info.value) == f"master key file {path} is a directory"
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n\x00\xff\xfe",
+                                  b"rotator-master-key:v1:\xc3\xa9AAAA"])
+def test_binary_key_file_is_not_a_master_key(tmp_path: Path, data: bytes) -> None:
+    """A file that is not ASCII text is reported as not being a master key."""
+    path = tmp_path / "master.key"
+    path.write_bytes(data)
+    path.chmod(0o600)
+    with pytest.raises(CryptoError) as info:
+        MasterKey.load_file(path)
+    assert str(info.value) == (
+        f"master key file {path} is not a rotator master key (expected base64 text)")
+
+
+def test_unreadable_key_file_says_permission_denied(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key file the process may not read says so in words, not as an exception name."""
+    path = tmp_path / "master.key"
+    MasterKey.generate().write_new_file(path)
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(CryptoError) as info:
+        MasterKey.load_file(path)
+    assert str(info.value) == f"master key file {path} cannot be read: permission denied"
+
+
 @pytest.mark.parametrize("text", ["", "not base64!", "c2hvcnQ=", "rotator-master-key:v1:AAAA"])
 def test_malformed_keys_are_refused(text: str) -> None:
     """Garbage, short keys and truncated files are refused with a clear error."""
