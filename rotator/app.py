@@ -119,43 +119,52 @@ async def _run_daemon(cfg: Config, plugin_classes: dict[str, type], stop: asynci
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    async with open_app(cfg, plugin_classes) as app:
-        scheduler = Scheduler(cfg, app.store, app.engine)
-        relay_task = asyncio.create_task(app.relay.run(), name="outbox-relay") \
-            if cfg.bus.enabled else None
-        await scheduler.plan()
-        sched_task = asyncio.create_task(scheduler.run(), name="scheduler")
-        log.info("daemon.started", secrets=len(cfg.secrets), store=str(cfg.store.path),
-                 bus=cfg.bus.display_url if cfg.bus.enabled else "disabled")
-        stop_wait = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({stop_wait, sched_task}, return_when=asyncio.FIRST_COMPLETED)
-        crashed = sched_task.exception() if sched_task in done else None
-        stop_wait.cancel()
-        if crashed is not None:
-            log.error("daemon.scheduler_failed", error=f"{type(crashed).__name__}: {crashed}")
-        log.info("daemon.stopping", in_flight=app.engine.running())
-        scheduler.pause()
-        if not sched_task.done():
-            sched_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sched_task
-        inflight = set(scheduler.tasks)
-        if inflight:
-            _, pending = await asyncio.wait(inflight, timeout=cfg.engine.shutdown_grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=2)
-                log.warning("daemon.rotations_interrupted", count=len(pending),
-                            hint="they resume on the next start")
-        if relay_task is not None:
-            relay_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay_task
-            await app.relay.close(drain_timeout=2.0)
-        log.info("daemon.stopped")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(sig)
+    try:
+        async with open_app(cfg, plugin_classes) as app:
+            relay_task = asyncio.create_task(app.relay.run(), name="outbox-relay") \
+                if cfg.bus.enabled else None
+            try:
+                await _serve(cfg, app, stop)
+            finally:
+                if relay_task is not None:
+                    relay_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await relay_task
+                    await app.relay.close(drain_timeout=2.0)
+                log.info("daemon.stopped")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+async def _serve(cfg: Config, app: App, stop: asyncio.Event) -> None:
+    """Schedule rotations until ``stop``; then let in-flight ones finish or park them."""
+    scheduler = Scheduler(cfg, app.store, app.engine)
+    await scheduler.plan()
+    sched_task = asyncio.create_task(scheduler.run(), name="scheduler")
+    log.info("daemon.started", secrets=len(cfg.secrets), store=str(cfg.store.path),
+             bus=cfg.bus.display_url if cfg.bus.enabled else "disabled")
+    stop_wait = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stop_wait, sched_task}, return_when=asyncio.FIRST_COMPLETED)
+    crashed = sched_task.exception() if sched_task in done else None
+    stop_wait.cancel()
+    if crashed is not None:
+        log.error("daemon.scheduler_failed", error=f"{type(crashed).__name__}: {crashed}")
+    log.info("daemon.stopping", in_flight=app.engine.running())
+    scheduler.pause()
+    if not sched_task.done():
+        sched_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sched_task
+    inflight = set(scheduler.tasks)
+    if inflight:
+        _, pending = await asyncio.wait(inflight, timeout=cfg.engine.shutdown_grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+            log.warning("daemon.rotations_interrupted", count=len(pending),
+                        hint="they resume on the next start")
     if crashed is not None:
         raise crashed

@@ -21,11 +21,20 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
 from rotator.config import BusConfig
+from rotator.errors import RotatorError
 from rotator.store.base import Store
 
-__all__ = ["OutboxRelay"]
+__all__ = ["DUPLICATE_WINDOW_S", "OutboxRelay", "StreamMismatch"]
 
 log = structlog.get_logger("rotator.bus")
+
+#: JetStream de-duplicates by message id within this window; a stream rotator creates keeps
+#: an hour of ids, so a publish repeated after a crash and a long outage is still dropped.
+DUPLICATE_WINDOW_S = 3600.0
+
+
+class StreamMismatch(NatsError):
+    """The configured stream exists but does not capture rotator's subjects."""
 
 
 def _safe_url(url: str) -> str:
@@ -50,6 +59,12 @@ class OutboxRelay:
         self._down_reported = False
         self.published = 0
 
+    async def _backlog(self) -> int | str:
+        try:
+            return await self._store.outbox_backlog()
+        except RotatorError:
+            return "unknown"
+
     def notify(self) -> None:
         """Tell the relay there is something new in the outbox."""
         self._wake.set()
@@ -65,14 +80,41 @@ class OutboxRelay:
             allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
             error_cb=_quiet, disconnected_cb=_quiet, closed_cb=_quiet, reconnected_cb=_quiet,
             name="rotator")
-        js = nc.jetstream(timeout=self._cfg.publish_timeout)
-        subjects = [f"{self._cfg.subject_prefix}.>"]
         try:
-            await js.stream_info(self._cfg.stream)
-        except NotFoundError:
-            await js.add_stream(StreamConfig(name=self._cfg.stream, subjects=subjects))
-            log.info("bus.stream_created", stream=self._cfg.stream, subjects=subjects)
+            js = nc.jetstream(timeout=self._cfg.publish_timeout)
+            await self._ensure_stream(js)
+        except BaseException:
+            # Never leak a half-set-up connection (each retry would add one).
+            try:
+                async with asyncio.timeout(self._cfg.publish_timeout):
+                    await nc.close()
+            except (TimeoutError, NatsError, OSError):
+                pass
+            raise
         self._nc, self._js = nc, js
+
+    async def _ensure_stream(self, js: Any) -> None:
+        """The stream exists and captures ``<prefix>.>``; created or extended if needed."""
+        wanted = f"{self._cfg.subject_prefix}.>"
+        try:
+            info = await js.stream_info(self._cfg.stream)
+        except NotFoundError:
+            await js.add_stream(StreamConfig(name=self._cfg.stream, subjects=[wanted],
+                                             duplicate_window=DUPLICATE_WINDOW_S))
+            log.info("bus.stream_created", stream=self._cfg.stream, subjects=[wanted],
+                     duplicate_window_s=DUPLICATE_WINDOW_S)
+            return
+        subjects = list(info.config.subjects or [])
+        if wanted not in subjects and ">" not in subjects:
+            info.config.subjects = [*subjects, wanted]
+            try:
+                await js.update_stream(info.config)
+            except NatsError as exc:
+                raise StreamMismatch(
+                    f"stream {self._cfg.stream} does not capture {wanted} and cannot be "
+                    f"extended ({type(exc).__name__}: {exc}); set bus.stream to another "
+                    "name or add the subject to the stream") from exc
+            log.warning("bus.stream_extended", stream=self._cfg.stream, added=wanted)
 
     async def _disconnect(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
@@ -124,13 +166,19 @@ class OutboxRelay:
                 sent = await self.flush_once()
             except asyncio.CancelledError:
                 raise
-            except (TimeoutError, NatsError, OSError) as exc:
-                backlog = await self._store.outbox_backlog()
+            except Exception as exc:  # noqa: BLE001 - the relay must outlive any one failure
+                backlog = await self._backlog()
                 if not self._down_reported:
-                    log.warning("bus.unreachable", url=_safe_url(self._cfg.url),
-                                error=type(exc).__name__, backlog=backlog,
-                                hint="rotations go on; events wait in the outbox until NATS "
-                                     "is reachable")
+                    if isinstance(exc, StreamMismatch):
+                        log.error("bus.stream_mismatch", error=str(exc), backlog=backlog)
+                    elif isinstance(exc, TimeoutError | NatsError | OSError):
+                        log.warning("bus.unreachable", url=_safe_url(self._cfg.url),
+                                    error=type(exc).__name__, backlog=backlog,
+                                    hint="rotations go on; events wait in the outbox until "
+                                         "NATS is reachable")
+                    else:
+                        log.error("bus.relay_error", error=f"{type(exc).__name__}: {exc}",
+                                  backlog=backlog, hint="retrying with backoff")
                     self._down_reported = True
                 await self._disconnect()
                 delay = random.uniform(backoff / 2, backoff)

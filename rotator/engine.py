@@ -41,6 +41,7 @@ from rotator.config import Config, SecretConfig, SecretRef
 from rotator.crypto import Envelope
 from rotator.errors import (
     CandidateRejected,
+    CryptoError,
     LeaseHeld,
     NotFound,
     PermanentStepError,
@@ -218,41 +219,55 @@ class Engine:
         log = self._log.bind(name=sec.name, rotation_id=rot.id, plugin=sec.plugin)
         log.info("rotation.resumed" if resumed else "rotation.started", reason=rot.reason,
                  step=str(rot.step), step_state=str(rot.step_state))
-        keeper = asyncio.create_task(self._keep_lease(rot, asyncio.current_task()))
+        lost = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_lease(rot, asyncio.current_task(), lost))
         try:
-            # Read under the lease: ``current`` cannot change until this rotation ends.
-            current = await self._current(sec.name)
+            try:
+                # Read under the lease: ``current`` cannot change until this rotation ends.
+                current = await self._current(sec.name)
+            except CryptoError as exc:
+                return await self._fail_unreadable(rot, sec, exc, resumed, log)
             return await self._drive(rot, sec, plugin, current, resumed, log)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if lost.is_set() and task is not None:
+                # Cancelled by our own lease keeper, not by the caller: say so.
+                task.uncancel()
+                raise LeaseHeld(sec.name, "another process (this one lost its lease)") from None
             # Leave the rotation resumable; let the next process take it over at once.
             log.warning("rotation.interrupted", hint="it resumes on the next start or "
                                                      "`rotator rotate`")
             await self._release(sec.name)
             raise
+        except LeaseHeld:
+            log.warning("rotation.lease_lost", hint="another process took this rotation over; "
+                                                    "this one stops without touching it")
+            raise
         except RotatorError as exc:
-            # Not a plugin step failure: e.g. the current value does not decrypt. Retrying
-            # cannot help, so end the rotation as failed (if the store still lets us).
-            error = f"{type(exc).__name__}: {exc}"
-            try:
-                await self._store.fail_rotation(rot.id, sec.name, error, [Event(
-                    kind=EventKind.FAILED, name=sec.name, data={
-                        "version": rot.version, "previous_version": rot.from_version,
-                        "rotation_id": rot.id, "reason": rot.reason, "plugin": sec.plugin,
-                        "step": str(rot.step), "error": error, "rolled_back": False,
-                        "started_at": rot.started_at.isoformat(),
-                        "failed_at": datetime.now(UTC).isoformat()})])
-            except RotatorError:
-                log.warning("rotation.interrupted", error=error,
-                            hint="it resumes on the next start or `rotator rotate`")
-                await self._release(sec.name)
-                raise exc from None
-            self._on_event()
-            log.error("rotation.failed", step=str(rot.step), version=rot.version, error=error,
-                      rolled_back=False)
-            return RotationResult(rot.id, sec.name, RotationState.FAILED, rot.version, resumed,
-                                  error)
+            # The store failed (busy, disk full, I/O): the rotation stays running and resumes.
+            log.warning("rotation.interrupted", error=f"{type(exc).__name__}: {exc}",
+                        hint="it resumes on the next start or `rotator rotate`")
+            await self._release(sec.name)
+            raise
         finally:
             keeper.cancel()
+
+    async def _fail_unreadable(self, rot: RotationRow, sec: SecretConfig, exc: CryptoError,
+                               resumed: bool, log: FilteringBoundLogger) -> RotationResult:
+        """The current value does not decrypt (wrong master key, tampered row): no rotation
+        can succeed or roll back until an operator fixes that, so fail it now, loudly."""
+        error = f"the current value of {sec.name} cannot be read: {exc}"
+        await self._store.fail_rotation(rot.id, sec.name, error, [Event(
+            kind=EventKind.FAILED, name=sec.name, data={
+                "version": rot.version, "previous_version": rot.from_version,
+                "rotation_id": rot.id, "reason": rot.reason, "plugin": sec.plugin,
+                "step": str(rot.step), "error": error, "rolled_back": False,
+                "started_at": rot.started_at.isoformat(),
+                "failed_at": datetime.now(UTC).isoformat()})], owner=self.owner)
+        self._on_event()
+        log.error("rotation.failed", step=str(rot.step), version=rot.version, error=error,
+                  rolled_back=False)
+        return RotationResult(rot.id, sec.name, RotationState.FAILED, rot.version, resumed, error)
 
     async def _release(self, name: str) -> None:
         """Give up our lease on ``name`` (short, shielded budget; best effort)."""
@@ -262,7 +277,8 @@ class Engine:
         except (TimeoutError, RotatorError, asyncio.CancelledError):
             pass
 
-    async def _keep_lease(self, rot: RotationRow, worker: asyncio.Task[Any] | None) -> None:
+    async def _keep_lease(self, rot: RotationRow, worker: asyncio.Task[Any] | None,
+                          lost: asyncio.Event) -> None:
         period = max(self._ecfg.lease_ttl / 3, 0.5)
         while True:
             await asyncio.sleep(period)
@@ -270,6 +286,7 @@ class Engine:
                 await self._store.renew_lease(rot.id, self.owner, self._ecfg.lease_ttl)
             except LeaseHeld:
                 self._log.error("rotation.lease_lost", name=rot.name, rotation_id=rot.id)
+                lost.set()
                 if worker is not None:
                     worker.cancel()
                 return
@@ -324,26 +341,32 @@ class Engine:
                     if rot.step is Step.SET and rot.step_state is StepState.STARTED:
                         applied = await self._probe(plugin, ctx(version), pending, log)
                     if not applied:
-                        rot = await self._store.mark_step(rot.id, Step.SET, StepState.STARTED)
+                        rot = await self._store.mark_step(rot.id, Step.SET, StepState.STARTED,
+                                                          owner=self.owner)
                         try:
                             await self._call(rot, sec, Step.SET, log, version,
-                                             partial(plugin.set, ctx(version), pending))
+                                             partial(plugin.set, ctx(version), pending),
+                                             hide=(pending, current))
                         except CandidateRejected as err:
                             if rot.candidates >= self._ecfg.max_candidates:
                                 raise
                             log.warning("rotation.candidate_rejected", version=version,
                                         attempt=rot.candidates, error=_scrub(str(err), pending))
                             rot = await self._store.reject_candidate(
-                                rot.id, sec.name, version, _scrub(str(err), pending))
+                                rot.id, sec.name, version, _scrub(str(err), pending),
+                                owner=self.owner)
                             continue
                     else:
                         rot = await self._store.mark_step(rot.id, Step.SET, StepState.DONE,
-                                                          "probe: already applied")
+                                                          "probe: already applied",
+                                                          owner=self.owner)
                 # Marking "test started" also records that set is done: one commit, not two.
                 if _needs(rot, Step.TEST):
-                    rot = await self._store.mark_step(rot.id, Step.TEST, StepState.STARTED)
+                    rot = await self._store.mark_step(rot.id, Step.TEST, StepState.STARTED,
+                                                      owner=self.owner)
                     await self._call(rot, sec, Step.TEST, log, version,
-                                     partial(plugin.test, ctx(version), pending))
+                                     partial(plugin.test, ctx(version), pending),
+                                     hide=(pending, current))
                 break
 
             # finish is one transaction: a crash before it re-runs test (idempotent).
@@ -354,7 +377,7 @@ class Engine:
                     "version": version, "previous_version": rot.from_version,
                     "rotation_id": rot.id, "reason": rot.reason, "plugin": sec.plugin,
                     "started_at": rot.started_at.isoformat(), "finished_at": finished.isoformat(),
-                })])
+                })], owner=self.owner)
             self._on_event()
             log.info("rotation.step", step=str(Step.FINISH), version=version, outcome="done",
                      took_ms=round((time.monotonic() - t0) * 1000, 1))
@@ -380,7 +403,8 @@ class Engine:
             raise ValueTooLarge(f"{sec.name}: the new value is {len(data)} bytes, above "
                                 f"engine.max_value_bytes = {self._ecfg.max_value_bytes}")
         sealed = self._envelope.seal(sec.name, version, data)
-        return await self._store.put_candidate(rot.id, sec.name, version, sealed)
+        return await self._store.put_candidate(rot.id, sec.name, version, sealed,
+                                               owner=self.owner)
 
     async def _probe(self, plugin: RotationPlugin, ctx: RotationContext, value: SecretValue,
                      log: FilteringBoundLogger) -> bool:
@@ -400,8 +424,12 @@ class Engine:
 
     async def _call(self, rot: RotationRow, sec: SecretConfig, step: Step,
                     log: FilteringBoundLogger, version: int,
-                    fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one plugin step with a timeout, retrying transient failures with backoff."""
+                    fn: Callable[[], Awaitable[T]],
+                    hide: tuple[SecretValue | None, ...] = ()) -> T:
+        """Run one plugin step with a timeout, retrying transient failures with backoff.
+
+        ``hide``: values whose fields are masked in logged error messages.
+        """
         attempt = 0
         while True:
             t0 = time.monotonic()
@@ -432,12 +460,12 @@ class Engine:
                 delay = random.uniform(0, self._ecfg.retry_base_delay * (2 ** attempt))
                 log.warning("rotation.step", step=str(step), version=version, outcome="retry",
                             attempt=attempt + 1, took_ms=took, retry_in_s=round(delay, 2),
-                            error=err.message)
+                            error=_scrub(err.message, *hide))
                 await asyncio.sleep(delay)
                 attempt += 1
                 continue
             log.warning("rotation.step", step=str(step), version=version, outcome="failed",
-                        attempt=attempt + 1, took_ms=took, error=err.message,
+                        attempt=attempt + 1, took_ms=took, error=_scrub(err.message, *hide),
                         error_type=type(err).__name__)
             raise err
 
@@ -459,11 +487,12 @@ class Engine:
             needs_rollback = False
         if needs_rollback and current is not None:
             rot = await self._store.mark_step(rot.id, Step.ROLLBACK, StepState.STARTED,
-                                              error=error)
+                                              error=error, owner=self.owner)
             back_version = rot.from_version or 0
             try:
                 await self._call(rot, sec, Step.ROLLBACK, log, back_version,
-                                 lambda: plugin.set(ctx(back_version), current))
+                                 lambda: plugin.set(ctx(back_version), current),
+                                 hide=(pending, current))
             except StepError as rb_err:
                 error = f"{error}; rollback failed: {_scrub(str(rb_err), pending, current)}"
                 log.error("rotation.rollback_failed", error=error,
@@ -471,7 +500,8 @@ class Engine:
                                "(state failed) for recovery")
             else:
                 rolled_back = True
-                rot = await self._store.mark_step(rot.id, Step.ROLLBACK, StepState.DONE)
+                rot = await self._store.mark_step(rot.id, Step.ROLLBACK, StepState.DONE,
+                                                  owner=self.owner)
                 events.append(Event(kind=EventKind.ROLLED_BACK, name=sec.name, data={
                     "version": rot.version, "restored_version": rot.from_version,
                     "rotation_id": rot.id, "reason": rot.reason, "error": error}))
@@ -480,7 +510,7 @@ class Engine:
             "reason": rot.reason, "plugin": sec.plugin, "step": failed_step, "error": error,
             "rolled_back": rolled_back, "started_at": rot.started_at.isoformat(),
             "failed_at": datetime.now(UTC).isoformat()}))
-        await self._store.fail_rotation(rot.id, sec.name, error, events)
+        await self._store.fail_rotation(rot.id, sec.name, error, events, owner=self.owner)
         self._on_event()
         log.error("rotation.failed", step=failed_step, version=rot.version, error=error,
                   rolled_back=rolled_back)

@@ -11,6 +11,7 @@ many periods were missed. Nothing else in rotator imports APScheduler.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -20,7 +21,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator.config import Config, SecretConfig
-from rotator.engine import Engine
+from rotator.engine import Engine, owner_is_dead
 from rotator.errors import LeaseHeld, NotFound, RotatorError
 from rotator.store.base import Store
 from rotator.types import Label, RotationState
@@ -168,16 +169,39 @@ class Scheduler:
                      next_rotation_at=self._next[sec.name].isoformat(),
                      reason=self._reason[sec.name])
 
+    async def _adopt_abandoned(self) -> None:
+        """Resume rotations another process left behind (it died, or gave its lease up)."""
+        try:
+            running = await self._store.running_rotations()
+        except RotatorError as exc:
+            log.warning("schedule.check_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        now, wall = self._clock(), time.time()
+        for rot in running:
+            if rot.name not in self._next or self._engine.is_running(rot.name):
+                continue
+            expired = rot.lease_until is None or rot.lease_until < wall
+            if expired or (rot.owner is not None and owner_is_dead(rot.owner)):
+                log.info("schedule.resume_abandoned", name=rot.name, rotation_id=rot.id,
+                         previous_owner=rot.owner)
+                self._next[rot.name], self._reason[rot.name] = now, "resume"
+
     async def run(self) -> None:
         """Start due rotations until paused or cancelled."""
+        check_every = min(self._cfg.engine.lease_ttl, 30.0)
+        last_check = time.monotonic()
         while not self._paused:
+            if time.monotonic() - last_check >= check_every:
+                last_check = time.monotonic()
+                await self._adopt_abandoned()
             now = self._clock()
             for sec in self._cfg.secrets:
                 if self._next[sec.name] <= now and not self._engine.is_running(sec.name):
                     await self._launch(sec, now)
             self._wake.clear()
             upcoming = [t for n, t in self._next.items() if not self._engine.is_running(n)]
-            delay = min([(t - self._clock()).total_seconds() for t in upcoming] + [60.0])
+            delay = min([(t - self._clock()).total_seconds() for t in upcoming]
+                        + [check_every - (time.monotonic() - last_check)])
             if delay > 0:
                 try:
                     async with asyncio.timeout(delay):
@@ -203,19 +227,29 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     async def _rotate(self, sec: SecretConfig, reason: str, nxt: datetime) -> None:
-        async with self._slots:
-            try:
-                result = await self._engine.rotate(sec.name, reason=reason)
-            except LeaseHeld as exc:
-                log.info("schedule.skipped", name=sec.name, owner=exc.owner,
-                         reason="a rotation is already running")
-                return
-            except RotatorError as exc:
-                log.error("schedule.rotation_error", name=sec.name, error=str(exc))
-                result = None
-        if result is None or result.state is RotationState.FAILED:
-            retry = min(nxt, self._clock() + RETRY_AFTER)
-            if retry < nxt:
-                await self._store.set_next_rotation(sec.name, retry)
-                self._next[sec.name], self._reason[sec.name] = retry, "retry"
-        self._wake.set()
+        try:
+            async with self._slots:
+                try:
+                    result = await self._engine.rotate(sec.name, reason=reason)
+                except LeaseHeld as exc:
+                    # Another process is on it; if it dies, _adopt_abandoned resumes it.
+                    log.info("schedule.skipped", name=sec.name, owner=exc.owner,
+                             reason="a rotation is already running")
+                    return
+                except RotatorError as exc:
+                    log.error("schedule.rotation_error", name=sec.name,
+                              error=f"{type(exc).__name__}: {exc}")
+                    result = None
+                except Exception as exc:  # noqa: BLE001 - one secret's bug must not stop the rest
+                    log.error("schedule.rotation_error", name=sec.name,
+                              error=f"unexpected {type(exc).__name__}")
+                    result = None
+            if result is None or result.state is RotationState.FAILED:
+                retry = min(nxt, self._clock() + RETRY_AFTER)
+                if retry < nxt:
+                    self._next[sec.name], self._reason[sec.name] = retry, "retry"
+                    await self._store.set_next_rotation(sec.name, retry)
+        except RotatorError as exc:
+            log.error("schedule.store_error", name=sec.name, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._wake.set()

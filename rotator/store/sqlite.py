@@ -207,7 +207,10 @@ class SQLiteStore:
                     await db.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error as exc:
                     raise StoreError(f"store {self.path} is busy or unwritable: {exc}") from exc
-                yield db
+                try:
+                    yield db
+                except sqlite3.Error as exc:
+                    raise StoreError(f"store {self.path}: {exc}") from exc
                 try:
                     await db.commit()
                 except sqlite3.Error as exc:
@@ -220,13 +223,19 @@ class SQLiteStore:
                 raise
 
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
-        async with self._lock, self.db.execute(sql, params) as cur:
-            row: sqlite3.Row | None = await cur.fetchone()
-            return row
+        try:
+            async with self._lock, self.db.execute(sql, params) as cur:
+                row: sqlite3.Row | None = await cur.fetchone()
+                return row
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: {exc}") from exc
 
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        async with self._lock, self.db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        try:
+            async with self._lock, self.db.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: {exc}") from exc
 
     # -- secrets -------------------------------------------------------------
 
@@ -377,9 +386,20 @@ class SQLiteStore:
             await db.execute("UPDATE rotations SET lease_until = 0 WHERE name = ? AND owner = ? "
                              "AND state = 'running'", (name, owner))
 
+    async def _fence(self, db: aiosqlite.Connection, rotation_id: str,
+                     owner: str) -> RotationRow:
+        """The rotation, if ``owner`` still owns it and it is running; else LeaseHeld."""
+        rot = await self._get_rotation(db, rotation_id)
+        if rot.state is not RotationState.RUNNING or rot.owner != owner:
+            raise LeaseHeld(rot.name, rot.owner if rot.state is RotationState.RUNNING
+                            and rot.owner else f"nobody: the rotation is {rot.state}")
+        return rot
+
     async def mark_step(self, rotation_id: str, step: Step, state: StepState,
-                        detail: str = "", *, error: str | None = None) -> RotationRow:
+                        detail: str = "", *, owner: str,
+                        error: str | None = None) -> RotationRow:
         async with self._tx() as db:
+            await self._fence(db, rotation_id, owner)
             await db.execute("UPDATE rotations SET step = ?, step_state = ?, updated_at = ?, "
                              "error = COALESCE(?, error) WHERE id = ?",
                              (str(step), str(state), _ts(_now()), error, rotation_id))
@@ -387,9 +407,10 @@ class SQLiteStore:
             return await self._get_rotation(db, rotation_id)
 
     async def put_candidate(self, rotation_id: str, name: str, version: int,
-                            sealed: Sealed) -> RotationRow:
+                            sealed: Sealed, *, owner: str) -> RotationRow:
         now = _ts(_now())
         async with self._tx() as db:
+            await self._fence(db, rotation_id, owner)
             await db.execute(
                 "INSERT INTO versions(name, version, state, created_at, rotation_id, key_id, "
                 "wrapped_key, ciphertext) VALUES (?,?,?,?,?,?,?,?)",
@@ -406,8 +427,9 @@ class SQLiteStore:
             return await self._get_rotation(db, rotation_id)
 
     async def reject_candidate(self, rotation_id: str, name: str, version: int,
-                               detail: str) -> RotationRow:
+                               detail: str, *, owner: str) -> RotationRow:
         async with self._tx() as db:
+            await self._fence(db, rotation_id, owner)
             await db.execute("UPDATE versions SET state = ? WHERE name = ? AND version = ?",
                              (str(VersionState.FAILED), name, version))
             await db.execute("DELETE FROM labels WHERE name = ? AND label = ? AND version = ?",
@@ -419,12 +441,13 @@ class SQLiteStore:
             return await self._get_rotation(db, rotation_id)
 
     async def finish_rotation(self, rotation_id: str, name: str, version: int,
-                              events: Sequence[Event]) -> None:
+                              events: Sequence[Event], *, owner: str) -> None:
         now = _ts(_now())
         async with self._tx() as db:
-            rot = await self._get_rotation(db, rotation_id)
-            if rot.state is not RotationState.RUNNING or rot.version != version:
-                raise StoreError(f"rotation {rotation_id} cannot finish from state {rot.state}")
+            rot = await self._fence(db, rotation_id, owner)
+            if rot.version != version:
+                raise StoreError(f"rotation {rotation_id} holds candidate v{rot.version}, "
+                                 f"not v{version}")
             async with db.execute("SELECT label, version FROM labels WHERE name = ?",
                                   (name,)) as cur:
                 labels = {r["label"]: r["version"] for r in await cur.fetchall()}
@@ -457,10 +480,10 @@ class SQLiteStore:
             await self._outbox(db, events)
 
     async def fail_rotation(self, rotation_id: str, name: str, error: str,
-                            events: Sequence[Event]) -> None:
+                            events: Sequence[Event], *, owner: str) -> None:
         now = _ts(_now())
         async with self._tx() as db:
-            rot = await self._get_rotation(db, rotation_id)
+            rot = await self._fence(db, rotation_id, owner)
             if rot.version is not None:
                 await db.execute(
                     "UPDATE versions SET state = ? WHERE name = ? AND version = ? AND state = ?",

@@ -331,3 +331,79 @@ async def test_undecryptable_current_fails_instead_of_hanging(tmp_path: Path,
     assert await store.running_rotations() == []
     last = await store.last_rotation(NAME)
     assert last is not None and last.state is RotationState.FAILED and last.error
+
+
+async def test_a_process_that_lost_its_lease_cannot_undo_the_new_owner(
+        tmp_path: Path, store: SQLiteStore) -> None:
+    """When a stalled rotation's lease is taken over, the old owner stops with LeaseHeld
+    and the new owner's finished rotation stands."""
+    backend = Backend()
+    await engine_for(tmp_path, store, backend).rotate(NAME)
+    backend.hang_in = "test"
+    slow = engine_for(tmp_path, store, backend, lease_ttl=1.5, step_timeout=60)
+    stalled = asyncio.create_task(slow.rotate(NAME))
+    await asyncio.sleep(0.3)
+    await store.db.execute("UPDATE rotations SET lease_until = 0 WHERE state = 'running'")
+    backend.hang_in = None
+    result = await engine_for(tmp_path, store, backend).rotate(NAME)
+    assert result.state is RotationState.DONE and result.resumed and result.version == 2
+    with pytest.raises(LeaseHeld):
+        await asyncio.wait_for(stalled, 5)
+    last = await store.last_rotation(NAME)
+    assert last is not None and last.state is RotationState.DONE
+    _, value = await engine_for(tmp_path, store, backend).read(NAME)
+    assert backend.live == value["password"]
+    kinds = [e["type"].rsplit(".", 1)[1] for e in await events(store)]
+    assert kinds.count("rotated") == 2 and "failed" not in kinds
+
+
+async def test_store_failure_leaves_the_rotation_resumable(tmp_path: Path, store: SQLiteStore,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store error at finish keeps the rotation running (no rollback); the next run ends it."""
+    from rotator.errors import StoreError
+
+    backend = Backend()
+    eng = engine_for(tmp_path, store, backend)
+    await eng.rotate(NAME)
+    real_finish = store.finish_rotation
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("disk I/O error")
+
+    monkeypatch.setattr(store, "finish_rotation", broken)
+    with pytest.raises(StoreError):
+        await eng.rotate(NAME)
+    (running,) = await store.running_rotations()
+    assert running.step is Step.TEST, "test had passed; only the finish commit failed"
+    live = backend.live
+    monkeypatch.setattr(store, "finish_rotation", real_finish)
+    result = await eng.rotate(NAME)
+    assert result.state is RotationState.DONE and result.resumed and result.version == 2
+    _, value = await eng.read(NAME)
+    assert value["password"] == live == backend.live
+
+
+async def test_daemon_adopts_a_rotation_abandoned_after_it_started(
+        tmp_path: Path, store: SQLiteStore) -> None:
+    """A rotation another process gave up mid-way is resumed by the running scheduler."""
+    from rotator.scheduler import Scheduler
+
+    backend = Backend()
+    daemon_engine = engine_for(tmp_path, store, backend)
+    await daemon_engine.rotate(NAME)
+    scheduler = Scheduler(make_config(tmp_path), store, daemon_engine)
+    await scheduler.plan()
+    assert scheduler._reason[NAME] == "schedule"
+    backend.hang_in = "test"
+    cli = asyncio.create_task(engine_for(tmp_path, store, backend, step_timeout=60).rotate(NAME))
+    await asyncio.sleep(0.3)
+    await scheduler._adopt_abandoned()
+    assert scheduler._reason[NAME] == "schedule", "a live owner's rotation is left alone"
+    cli.cancel()                      # like Ctrl-C on `rotator rotate`: the lease is released
+    with pytest.raises(asyncio.CancelledError):
+        await cli
+    await scheduler._adopt_abandoned()
+    assert scheduler._reason[NAME] == "resume"
+    backend.hang_in = None
+    result = await daemon_engine.rotate(NAME, reason="resume")
+    assert result.resumed and result.state is RotationState.DONE
