@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -26,11 +28,12 @@ from rotator.errors import (
     PluginLoadError,
     RotatorError,
 )
+from rotator.store.base import RotationRow
 from rotator.types import Label, RotationState
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
@@ -197,11 +200,22 @@ async def _rotate(args: argparse.Namespace, cfg: Config, plugins: dict[str, type
     from rotator.app import open_app
 
     _known(cfg, args.name)
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
     async with open_app(cfg, plugins) as app:
+        # SIGTERM/SIGINT: stop cleanly; the engine parks the rotation and releases its lease.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, me.cancel if me else lambda: None)
         try:
             result = await app.engine.rotate(args.name, reason="manual")
         except LeaseHeld as exc:
             return _fail(f"{exc}; try again when it has finished", EXIT_FAILED)
+        except asyncio.CancelledError:
+            return _fail(f"{args.name}: interrupted; the rotation resumes with the next "
+                         "`rotator rotate` or when the daemon runs", EXIT_INTERRUPTED)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         _, backlog = await app.relay.try_flush() if cfg.bus.enabled else (0, 0)
     how = "resumed and completed" if result.resumed else "rotated"
     if result.state is RotationState.DONE:
@@ -241,6 +255,13 @@ def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
+
+
+def _state(rot: RotationRow) -> str:
+    """``interrupted`` for a running rotation nobody holds a lease on (it resumes later)."""
+    if rot.state is RotationState.RUNNING and (rot.lease_until or 0) < time.time():
+        return "interrupted"
+    return str(rot.state)
 
 
 def _when(dt: datetime | None) -> str:
@@ -288,7 +309,7 @@ async def _status(args: argparse.Namespace, cfg: Config, plugins: dict[str, type
                 "next_rotation_at": row.next_rotation_at.isoformat()
                 if row and row.next_rotation_at else None,
                 "last_rotation": None if last is None else {
-                    "id": last.id, "state": str(last.state), "reason": last.reason,
+                    "id": last.id, "state": _state(last), "reason": last.reason,
                     "step": str(last.step), "error": last.error,
                     "started_at": last.started_at.isoformat()},
             })
@@ -301,7 +322,9 @@ async def _status(args: argparse.Namespace, cfg: Config, plugins: dict[str, type
     for s in out:
         last = s["last_rotation"]
         result = "-" if last is None else last["state"] + (
-            f" at {last['step']}: {last['error']}" if last["state"] == "failed" else "")
+            f" at {last['step']}: {last['error']}" if last["state"] == "failed" else
+            f" at {last['step']} (resumes on the next rotate or daemon start)"
+            if last["state"] == "interrupted" else "")
         table.append([
             s["name"], s["plugin"], s["schedule"],
             "-" if s["current_version"] is None else f"v{s['current_version']}",
