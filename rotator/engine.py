@@ -257,16 +257,22 @@ class Engine:
         """The current value does not decrypt (wrong master key, tampered row): no rotation
         can succeed or roll back until an operator fixes that, so fail it now, loudly."""
         error = f"the current value of {sec.name} cannot be read: {exc}"
-        await self._store.fail_rotation(rot.id, sec.name, error, [Event(
-            kind=EventKind.FAILED, name=sec.name, data={
-                "version": rot.version, "previous_version": rot.from_version,
-                "rotation_id": rot.id, "reason": rot.reason, "plugin": sec.plugin,
-                "step": str(rot.step), "error": error, "rolled_back": False,
-                "started_at": rot.started_at.isoformat(),
-                "failed_at": datetime.now(UTC).isoformat()})], owner=self.owner)
+        return await self._record_failure(rot, sec, error, str(rot.step), [], resumed, log)
+
+    async def _record_failure(self, rot: RotationRow, sec: SecretConfig, error: str, step: str,
+                              events: list[Event], resumed: bool,
+                              log: FilteringBoundLogger) -> RotationResult:
+        """End the rotation as failed, with ``events`` and then the ``failed`` event."""
+        rolled_back = any(ev.kind is EventKind.ROLLED_BACK for ev in events)
+        events = [*events, Event(kind=EventKind.FAILED, name=sec.name, data={
+            "version": rot.version, "previous_version": rot.from_version, "rotation_id": rot.id,
+            "reason": rot.reason, "plugin": sec.plugin, "step": step, "error": error,
+            "rolled_back": rolled_back, "started_at": rot.started_at.isoformat(),
+            "failed_at": datetime.now(UTC).isoformat()})]
+        await self._store.fail_rotation(rot.id, sec.name, error, events, owner=self.owner)
         self._on_event()
-        log.error("rotation.failed", step=str(rot.step), version=rot.version, error=error,
-                  rolled_back=False)
+        log.error("rotation.failed", step=step, version=rot.version, error=error,
+                  rolled_back=rolled_back)
         return RotationResult(rot.id, sec.name, RotationState.FAILED, rot.version, resumed, error)
 
     async def _release(self, name: str) -> None:
@@ -476,7 +482,6 @@ class Engine:
         error = _scrub(str(err), pending, current)
         failed_step = getattr(err, "step", "") or str(rot.step)
         events: list[Event] = []
-        rolled_back = False
         # The backend may hold the candidate once ``set`` has started: put ``current`` back,
         # unless ``set`` failed and the backend demonstrably still accepts ``current``.
         needs_rollback = _ORDER[rot.step] >= _ORDER[Step.SET] and current is not None
@@ -499,19 +504,9 @@ class Engine:
                           hint="the backend may hold the failed candidate; it stays stored "
                                "(state failed) for recovery")
             else:
-                rolled_back = True
                 rot = await self._store.mark_step(rot.id, Step.ROLLBACK, StepState.DONE,
                                                   owner=self.owner)
                 events.append(Event(kind=EventKind.ROLLED_BACK, name=sec.name, data={
                     "version": rot.version, "restored_version": rot.from_version,
                     "rotation_id": rot.id, "reason": rot.reason, "error": error}))
-        events.append(Event(kind=EventKind.FAILED, name=sec.name, data={
-            "version": rot.version, "previous_version": rot.from_version, "rotation_id": rot.id,
-            "reason": rot.reason, "plugin": sec.plugin, "step": failed_step, "error": error,
-            "rolled_back": rolled_back, "started_at": rot.started_at.isoformat(),
-            "failed_at": datetime.now(UTC).isoformat()}))
-        await self._store.fail_rotation(rot.id, sec.name, error, events, owner=self.owner)
-        self._on_event()
-        log.error("rotation.failed", step=failed_step, version=rot.version, error=error,
-                  rolled_back=rolled_back)
-        return RotationResult(rot.id, sec.name, RotationState.FAILED, rot.version, resumed, error)
+        return await self._record_failure(rot, sec, error, failed_step, events, resumed, log)
