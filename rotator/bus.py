@@ -10,8 +10,12 @@ once, retries with backoff, and flushes the backlog when NATS returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 import structlog
@@ -37,14 +41,30 @@ class StreamMismatch(NatsError):
     """The configured stream exists but does not capture rotator's subjects."""
 
 
-def _safe_url(url: str) -> str:
-    """The bus URL with any password masked."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        cred, _, host = rest.rpartition("@")
-        user = cred.split(":", 1)[0]
-        rest = f"{user}:***@{host}"
-    return f"{scheme}{sep}{rest}"
+class PlainTextRefused(NatsError):
+    """A ``tls://`` bus URL pointed at a server that offers no TLS."""
+
+
+async def _require_tls(url: str, connect_timeout: float) -> None:
+    """For a ``tls://`` URL, refuse a server that does not offer TLS *before* any credential
+    is sent (nats-py would otherwise fall back to plain text)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 4222
+    async with asyncio.timeout(connect_timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            line = await reader.readline()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    try:
+        info = json.loads(line.decode().partition(" ")[2])
+    except ValueError:
+        info = {}
+    if not (info.get("tls_required") or info.get("tls_available")):
+        raise PlainTextRefused(f"bus.url uses tls:// but the server at {host}:{port} does not "
+                               "offer TLS; refusing to send credentials in plain text")
 
 
 class OutboxRelay:
@@ -73,8 +93,12 @@ class OutboxRelay:
         async def _quiet(*_a: Any) -> None:
             return None
 
+        tls: ssl.SSLContext | None = None
+        if self._cfg.url.startswith("tls://"):
+            await _require_tls(self._cfg.url, self._cfg.connect_timeout)
+            tls = ssl.create_default_context()
         nc = await nats.connect(
-            servers=[self._cfg.url], connect_timeout=self._cfg.connect_timeout,
+            servers=[self._cfg.url], connect_timeout=self._cfg.connect_timeout, tls=tls,
             # One attempt: we reconnect ourselves, with backoff, from run(). (nats-py treats
             # max_reconnect_attempts=0 as "retry forever" during the initial connect.)
             allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
@@ -149,7 +173,7 @@ class OutboxRelay:
         try:
             sent = await self.flush_once()
         except (TimeoutError, NatsError, OSError) as exc:
-            log.info("bus.unreachable", url=_safe_url(self._cfg.url), error=type(exc).__name__,
+            log.info("bus.unreachable", url=self._cfg.display_url, error=type(exc).__name__,
                      backlog=await self._store.outbox_backlog(),
                      hint="events wait in the outbox; the daemon delivers them when NATS is back")
             sent = 0
@@ -169,10 +193,10 @@ class OutboxRelay:
             except Exception as exc:  # noqa: BLE001 - the relay must outlive any one failure
                 backlog = await self._backlog()
                 if not self._down_reported:
-                    if isinstance(exc, StreamMismatch):
+                    if isinstance(exc, StreamMismatch | PlainTextRefused):
                         log.error("bus.stream_mismatch", error=str(exc), backlog=backlog)
                     elif isinstance(exc, TimeoutError | NatsError | OSError):
-                        log.warning("bus.unreachable", url=_safe_url(self._cfg.url),
+                        log.warning("bus.unreachable", url=self._cfg.display_url,
                                     error=type(exc).__name__, backlog=backlog,
                                     hint="rotations go on; events wait in the outbox until "
                                          "NATS is reachable")
@@ -190,7 +214,7 @@ class OutboxRelay:
                     pass
                 continue
             if self._down_reported:
-                log.info("bus.reconnected", url=_safe_url(self._cfg.url), flushed=sent)
+                log.info("bus.reconnected", url=self._cfg.display_url, flushed=sent)
                 self._down_reported = False
             elif sent:
                 log.debug("bus.published", count=sent)

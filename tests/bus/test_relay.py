@@ -14,7 +14,7 @@ import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 from servers import NatsServer
 
-from rotator.bus import DUPLICATE_WINDOW_S, OutboxRelay
+from rotator.bus import DUPLICATE_WINDOW_S, OutboxRelay, PlainTextRefused
 from rotator.config import BusConfig
 from rotator.errors import StoreError
 from rotator.events import Event, EventKind
@@ -142,3 +142,35 @@ async def test_relay_survives_a_store_error(nats_server: NatsServer, store: SQLi
         with pytest.raises(asyncio.CancelledError):
             await task
         await relay.close()
+
+
+async def test_tls_url_refuses_a_plain_text_server(nats_server: NatsServer,
+                                                   store: SQLiteStore) -> None:
+    """A tls:// bus URL never sends credentials to a server that offers no TLS."""
+    cfg = BusConfig(url=f"tls://user:hunter2-bus@127.0.0.1:{nats_server.port}",
+                    subject_prefix="tlst", stream="TLST", connect_timeout=2.0,
+                    publish_timeout=2.0)
+    relay = OutboxRelay(cfg, store)
+    with pytest.raises(PlainTextRefused, match="does not offer TLS") as info:
+        await relay.flush_once()
+    assert "hunter2" not in str(info.value)
+
+
+async def test_unreachable_bus_is_logged_once_with_the_token_masked(store: SQLiteStore) -> None:
+    """While NATS is down the relay says so once, and never prints a token from the URL."""
+    from servers import free_port
+    from structlog.testing import capture_logs
+
+    cfg = BusConfig(url=f"nats://s3cr3t-token@127.0.0.1:{free_port()}", subject_prefix="x",
+                    stream="X", connect_timeout=0.5, publish_timeout=0.5)
+    await put_event(store, "x", 1)
+    relay = OutboxRelay(cfg, store)
+    with capture_logs() as logs:
+        task = asyncio.create_task(relay.run(poll=0.1, max_backoff=0.2))
+        await asyncio.sleep(1.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    down = [e for e in logs if e["event"] == "bus.unreachable"]
+    assert len(down) == 1 and down[0]["backlog"] == 1
+    assert "s3cr3t" not in repr(logs)
