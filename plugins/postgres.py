@@ -97,6 +97,24 @@ class PostgresPlugin:
                                   help="seconds allowed for each statement"),
     })
 
+    @staticmethod
+    def check_options(options: Mapping[str, Any]) -> dict[str, str]:
+        """Problems no rotation could get past, found at config load."""
+        problems: dict[str, str] = {}
+        admin_dsn = options.get("admin_dsn")
+        if isinstance(admin_dsn, str):
+            try:
+                _dsn_target(admin_dsn)
+            except ValueError as exc:
+                problems["admin_dsn"] = str(exc)
+        role = options.get("role")
+        if isinstance(role, str) and (not role.strip() or "\x00" in role):
+            problems["role"] = "must be a role name (not empty, no NUL character)"
+        sslmode = options.get("sslmode")
+        if isinstance(sslmode, str) and sslmode not in _SSLMODES:
+            problems["sslmode"] = f"must be one of: {', '.join(sorted(_SSLMODES))}"
+        return problems
+
     async def create(self, ctx: RotationContext) -> SecretValue:
         """A fresh password plus the connection fields consumers need; the server is untouched."""
         cfg = _Settings.from_options(ctx.options)
@@ -211,6 +229,9 @@ class _Settings:
             connect_timeout=float(get("connect_timeout")),
             command_timeout=float(get("command_timeout")),
         )
+
+
+_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
 
 def _dsn_target(dsn: str) -> tuple[str, int, str]:

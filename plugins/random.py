@@ -32,7 +32,7 @@ class RandomPlugin:
     strategies: ClassVar[frozenset[str]] = frozenset({"single-user"})
     options_schema: ClassVar[Mapping[str, Option]] = MappingProxyType({
         **password_options(32),
-        "field": Option(type=str, default="api_key",
+        "field": Option(type=str, default="api_key", min=1,
                         help="name of the value's field holding the token"),
         "prefix": Option(type=str, default="",
                          help="text put before the random part, e.g. 'sk_live_'"),

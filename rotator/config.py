@@ -704,13 +704,24 @@ def _with_options(sec: SecretConfig, table: _Table, path: str,
         options[key], used_env = refs.expand_tree(value, _join(opath, key), owner=sec.name)
         if used_env:
             sensitive.add(key)
-    if schema is not None:
+    if schema is not None and plugins is not None:
         options = _validate_options(options, schema, opath)
         sensitive |= {key for key, opt in schema.items() if opt.sensitive}
+        _plugin_check(plugins[sec.plugin], options, opath)
     return replace(sec, options=options, sensitive_options=frozenset(sensitive))
 
 
 # --- plugin options ------------------------------------------------------------------
+
+def _plugin_check(plugin: type, options: Mapping[str, Any], path: str) -> None:
+    """Run the plugin's optional ``check_options`` hook on the literal option values."""
+    check = getattr(plugin, "check_options", None)
+    if not callable(check):
+        return
+    literal = {k: v for k, v in options.items() if not isinstance(v, SecretRef)}
+    problems = check(literal)
+    for key, problem in sorted(dict(problems).items()):
+        raise ConfigError(_join(path, key), str(problem))
 
 _EXPECTED = {str: "a string", int: "an integer", float: "a number",
              bool: "a boolean (true or false)"}

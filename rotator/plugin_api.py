@@ -13,6 +13,12 @@ same input:
 ``test``    prove the candidate works (e.g. a fresh login). Raise on failure.
 ``retire``  revoke an old value that is no longer needed (no-op for single-user).
 
+A plugin may also define ``check_options(options) -> Mapping[str, str]`` (a classmethod
+or staticmethod): it gets the schema-checked options at config load (without
+``${secret:...}`` references, which resolve later) and returns ``{option: problem}`` for
+values no rotation could succeed with, so they fail at load with the key path instead
+of mid-rotation. A problem text must not quote the value.
+
 The engine also calls ``set(ctx, current)`` to roll the backend back when ``test``
 fails, so ``set`` must accept any value the plugin itself created.
 

@@ -927,3 +927,26 @@ def test_errors_never_contain_env_values(tmp_path: Path, text: str) -> None:
     err = fail(tmp_path, text, environ={"PW": PASSWORD}, plugins=PLUGINS)
     assert PASSWORD not in str(err)
     assert PASSWORD not in repr(err)
+
+
+@pytest.mark.parametrize(("options", "path", "words"), [
+    ({"sslmode": "bogus"}, "secrets[0].options.sslmode", "must be one of"),
+    ({"admin_dsn": "mysql://u:pw@h/db"}, "secrets[0].options.admin_dsn", "postgresql://"),
+    ({"admin_dsn": "postgresql://u:pw@h:99999/db"}, "secrets[0].options.admin_dsn", "port"),
+    ({"role": ""}, "secrets[0].options.role", "not empty"),
+])
+def test_postgres_options_that_cannot_work_fail_at_load(tmp_path: Path, options: dict[str, str],
+                                                        path: str, words: str) -> None:
+    """Postgres options no rotation could succeed with are rejected at load, by key path."""
+    from rotator.registry import load_plugins
+
+    opts = {"admin_dsn": "postgresql://admin:pw-s3cret@127.0.0.1:5432/postgres", "role": "app",
+            **options}
+    body = "\n".join(f'{k} = "{v}"' for k, v in opts.items())
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[[secrets]]\nname = "a/db"\nplugin = "postgres"\nschedule = "1h"\n'
+                   f"[secrets.options]\n{body}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, plugins=load_plugins(["postgres"]))
+    assert str(info.value).startswith(path + ":") and words in str(info.value)
+    assert "pw-s3cret" not in str(info.value) and "pw@" not in str(info.value)
