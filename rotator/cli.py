@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("get", parents=[common], help="print a secret's value")
     s.add_argument("name")
     which = s.add_mutually_exclusive_group()
-    which.add_argument("--version", type=int, dest="version_no", metavar="N")
+    which.add_argument("--version", type=_version_number, dest="version_no", metavar="N")
     which.add_argument("--label", choices=[str(x) for x in Label])
     s.add_argument("--field", metavar="F", help="print only this field, raw")
     s.add_argument("--json", action="store_true",
@@ -84,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(cmd, parents=[common], help="secrets, last and next rotations")
         s.add_argument("--json", action="store_true")
     return p
+
+
+def _version_number(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a version number: {text!r}") from None
+    if not 1 <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"version numbers start at 1: {text!r}")
+    return number
 
 
 def _fail(message: str, code: int) -> int:
@@ -131,8 +141,8 @@ async def _dispatch(args: argparse.Namespace, config_path: Path) -> int:
     configure_logging("debug" if getattr(args, "debug", False) else "warning")
     cfg, plugin_classes = load(config_path)
     level = "debug" if getattr(args, "debug", False) else cfg.log.level
-    if args.command != "run":
-        level = "debug" if level == "debug" else "warning"   # one-shot commands stay quiet
+    if args.command != "run" and level != "debug":
+        level = "critical"   # one-shot commands print their own one-line outcome
     configure_logging(level, cfg.log.format)
     if args.command in ("get", "versions", "status", "list") and not cfg.store.path.exists():
         raise NotFound(f"store {cfg.store.path} does not exist yet (run `rotator init`)")
@@ -202,21 +212,29 @@ async def _rotate(args: argparse.Namespace, cfg: Config, plugins: dict[str, type
     _known(cfg, args.name)
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
-    async with open_app(cfg, plugins) as app:
-        # SIGTERM/SIGINT: stop cleanly; the engine parks the rotation and releases its lease.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, me.cancel if me else lambda: None)
-        try:
-            result = await app.engine.rotate(args.name, reason="manual")
-        except LeaseHeld as exc:
-            return _fail(f"{exc}; try again when it has finished", EXIT_FAILED)
-        except asyncio.CancelledError:
-            return _fail(f"{args.name}: interrupted; the rotation resumes with the next "
-                         "`rotator rotate` or when the daemon runs", EXIT_INTERRUPTED)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-        _, backlog = await app.relay.try_flush() if cfg.bus.enabled else (0, 0)
+    interrupted = False
+
+    def on_signal() -> None:
+        # SIGTERM/SIGINT: stop cleanly (once); the engine parks the rotation, frees its lease.
+        nonlocal interrupted
+        if not interrupted and me is not None:
+            interrupted = True
+            me.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        async with open_app(cfg, plugins) as app:
+            try:
+                result = await app.engine.rotate(args.name, reason="manual")
+            except LeaseHeld as exc:
+                return _fail(f"{exc}; try again when it has finished", EXIT_FAILED)
+            _, backlog = await app.relay.try_flush() if cfg.bus.enabled else (0, 0)
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        return _fail(f"{args.name}: interrupted; the rotation resumes with the next "
+                     "`rotator rotate` or when the daemon runs", EXIT_INTERRUPTED)
     how = "resumed and completed" if result.resumed else "rotated"
     if result.state is RotationState.DONE:
         print(f"{args.name}: {how} to version {result.version} (rotation {result.rotation_id})")
@@ -259,7 +277,10 @@ def _table(rows: list[list[str]]) -> str:
 
 def _state(rot: RotationRow) -> str:
     """``interrupted`` for a running rotation nobody holds a lease on (it resumes later)."""
-    if rot.state is RotationState.RUNNING and (rot.lease_until or 0) < time.time():
+    from rotator.engine import owner_is_dead
+
+    if rot.state is RotationState.RUNNING and (
+            (rot.lease_until or 0) < time.time() or (rot.owner and owner_is_dead(rot.owner))):
         return "interrupted"
     return str(rot.state)
 
@@ -322,6 +343,9 @@ async def _status(args: argparse.Namespace, cfg: Config, plugins: dict[str, type
     for s in out:
         last = s["last_rotation"]
         result = "-" if last is None else last["state"] + (
+            f": {last['error']} (the backend was put back to the current value)"
+            if last["state"] == "failed" and last["step"] == "rollback"
+            and "rollback failed" not in (last["error"] or "") else
             f" at {last['step']}: {last['error']}" if last["state"] == "failed" else
             f" at {last['step']} (resumes on the next rotate or daemon start)"
             if last["state"] == "interrupted" else "")

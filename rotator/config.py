@@ -463,6 +463,7 @@ _ENGINE_MAXIMUM: dict[str, tuple[float, str]] = {
     "step_timeout": _DAY,
     "lease_ttl": _DAY,
     "shutdown_grace": _DAY,
+    "retry_base_delay": (3600.0, "3600 (1 hour)"),
 }
 
 

@@ -15,7 +15,7 @@ __all__ = ["configure_logging", "redact"]
 _SENSITIVE = re.compile(r"pass(word|wd)?|token|secret_value|dsn|api_?key|private|credential",
                         re.IGNORECASE)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+           "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -144,7 +144,10 @@ class SQLiteStore:
     # -- lifecycle -----------------------------------------------------------
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._create_file)
+        try:
+            await asyncio.to_thread(self._create_file)
+        except OSError as exc:
+            raise StoreError(f"cannot create store {self.path}: {exc.strerror or exc}") from None
         try:
             db = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -289,6 +292,8 @@ class SQLiteStore:
             row = await self._one("SELECT version FROM labels WHERE name = ? AND label = ?",
                                   (name, str(wanted)))
             if row is None:
+                if await self.get_secret(name) is None and wanted is Label.CURRENT:
+                    raise NotFound(f"{name}: no such secret in the store (or not rotated yet)")
                 if await self.get_secret(name) is None:
                     raise NotFound(f"{name}: no such secret in the store")
                 raise NotFound(f"{name}: no version labelled {wanted}")

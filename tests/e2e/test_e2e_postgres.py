@@ -136,7 +136,7 @@ async def test_failed_test_step_rolls_back_on_the_server(
 
     # The next value names a database that does not exist: its login test cannot pass.
     pg_work.config([pg_secret(NAME, role.name, dbname="no_such_db_e2e")], bus=bus)
-    failed = pg_work.run("rotate", NAME)
+    failed = pg_work.run("--debug", "rotate", NAME)    # --debug: show the step log lines
     assert failed.returncode == 1, failed.stderr
     assert "outcome=failed" in failed.stderr
     assert "outcome=retry" not in failed.stderr   # a missing database is permanent
@@ -177,3 +177,8 @@ async def test_failed_test_step_rolls_back_on_the_server(
     assert by_version(events, "rotated") == {1: 1}
     for ev in events:
         assert leaked_in(ev.raw.decode(), secrets_) == [], ev.subject
+
+    # Without --debug a failed rotate prints exactly one line.
+    quiet = pg_work.run("rotate", NAME)
+    assert quiet.returncode == 1 and len(quiet.stderr_lines) == 1, quiet.stderr
+    assert quiet.stderr.startswith("rotator: error: ") and "no_such_db_e2e" in quiet.stderr
