@@ -357,8 +357,13 @@ async def _status(args: argparse.Namespace, cfg: Config, plugins: dict[str, type
             _when(datetime.fromisoformat(s["next_rotation_at"]) if s["next_rotation_at"] else None),
         ])
     print(_table(table))
-    print(f"\noutbox: {backlog} event(s) not yet published (the daemon publishes them when "
-          "NATS is reachable)" if backlog else "\noutbox: empty (every event published)")
+    if not backlog:
+        print("\noutbox: empty (every event published)")
+    elif cfg.bus.enabled:
+        print(f"\noutbox: {backlog} event(s) not yet published (the daemon publishes them when "
+              "NATS is reachable)")
+    else:
+        print(f"\noutbox: {backlog} event(s) kept; bus.enabled = false, so none are published")
     return EXIT_OK
 
 
