@@ -201,7 +201,7 @@ def _plugins() -> int:
 
 
 def _known(cfg: Config, name: str) -> None:
-    if not any(s.name == name for s in cfg.secrets):
+    if not cfg.has_secret(name):
         raise UsageError(f"{name}: no such secret in {cfg.path} "
                        f"(configured: {', '.join(s.name for s in cfg.secrets) or 'none'})")
 
@@ -295,7 +295,7 @@ async def _versions(args: argparse.Namespace, cfg: Config, plugins: dict[str, ty
     async with SQLiteStore(cfg.store.path) as store:
         rows = await store.list_versions(args.name)
         if not rows and await store.get_secret(args.name) is None \
-                and not any(s.name == args.name for s in cfg.secrets):
+                and not cfg.has_secret(args.name):
             raise NotFound(f"{args.name}: no such secret in the store or in {cfg.path}")
     if args.json:
         print(json.dumps([{"version": r.version, "state": str(r.state),

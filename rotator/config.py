@@ -156,6 +156,9 @@ class Config:
     log: LogConfig
     secrets: tuple[SecretConfig, ...]
 
+    def has_secret(self, name: str) -> bool:
+        return any(sec.name == name for sec in self.secrets)
+
     def secret(self, name: str) -> SecretConfig:
         for sec in self.secrets:
             if sec.name == name:

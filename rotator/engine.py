@@ -167,7 +167,7 @@ class Engine:
         """Resume every rotation left running by a process that died (called at start-up)."""
         results = []
         for rot in await self._store.running_rotations():
-            if not any(s.name == rot.name for s in self._cfg.secrets):
+            if not self._cfg.has_secret(rot.name):
                 self._log.warning("rotation.orphaned", name=rot.name, rotation_id=rot.id,
                                   hint="the secret is no longer in the config")
                 continue

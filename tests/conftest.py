@@ -23,13 +23,18 @@ from servers import (
 )
 
 
+def _nats_binary() -> str:
+    """The nats-server binary, or a failed run naming the package (never a skip)."""
+    try:
+        return find_nats_server()
+    except ServerNotFound as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NatsServer]:
     """A nats-server with JetStream shared by the session; tests must not stop it."""
-    try:
-        binary = find_nats_server()
-    except ServerNotFound as exc:
-        pytest.fail(str(exc), pytrace=False)
+    binary = _nats_binary()
     base = make_temp_dir("rotator-nats-")
     server = NatsServer(base_dir=base, binary=binary)
     try:
@@ -43,10 +48,7 @@ def nats_server() -> Iterator[NatsServer]:
 @pytest.fixture
 def nats_factory() -> Iterator[Callable[[], NatsServer]]:
     """Start fresh private nats-servers (for tests that stop and restart one)."""
-    try:
-        binary = find_nats_server()
-    except ServerNotFound as exc:
-        pytest.fail(str(exc), pytrace=False)
+    binary = _nats_binary()
     started: list[NatsServer] = []
 
     def start() -> NatsServer:

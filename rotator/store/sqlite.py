@@ -292,19 +292,21 @@ class SQLiteStore:
             row = await self._one("SELECT version FROM labels WHERE name = ? AND label = ?",
                                   (name, str(wanted)))
             if row is None:
-                if await self.get_secret(name) is None and wanted is Label.CURRENT:
-                    raise NotFound(f"{name}: no such secret in the store (or not rotated yet)")
-                if await self.get_secret(name) is None:
-                    raise NotFound(f"{name}: no such secret in the store")
-                raise NotFound(f"{name}: no version labelled {wanted}")
+                raise await self._not_found(name, f"no version labelled {wanted}",
+                                            maybe_unrotated=wanted is Label.CURRENT)
             version = int(row["version"])
         row = await self._one("SELECT * FROM versions WHERE name = ? AND version = ?",
                               (name, version))
         if row is None:
-            if await self.get_secret(name) is None:
-                raise NotFound(f"{name}: no such secret in the store")
-            raise NotFound(f"{name}: no version {version}")
+            raise await self._not_found(name, f"no version {version}")
         return self._version(row, await self._labels(name))
+
+    async def _not_found(self, name: str, what: str, *, maybe_unrotated: bool = False) -> NotFound:
+        """The NotFound to raise: naming the secret when the store does not know it at all."""
+        if await self.get_secret(name) is None:
+            hint = " (or not rotated yet)" if maybe_unrotated else ""
+            return NotFound(f"{name}: no such secret in the store{hint}")
+        return NotFound(f"{name}: {what}")
 
     async def list_versions(self, name: str) -> list[VersionRow]:
         labels = await self._labels(name)
